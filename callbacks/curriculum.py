@@ -1,0 +1,209 @@
+"""``CurriculumCallback``: drives ProVQ's warmup -> k-means seeding -> soft transition -> hard VQ.
+
+Everything it sets is a function of the module's curriculum step (``trainer.global_step`` by
+default), and everything it accumulates (the k-means reservoir, the "seeded" flag) is saved in
+the checkpoint, so a run killed at any point and resumed follows the uninterrupted trajectory.
+
+The four variants of the paper are configurations of this one callback:
+
+============  ============  ================  ==========
+variant       warmup_steps  transition_steps  kmeans_init
+============  ============  ================  ==========
+vanilla       0             0                 False  (or no callback at all)
+deferred      > 0           0                 True
+soft          0             > 0               False
+provq         > 0           > 0               True
+============  ============  ================  ==========
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from provq_lightning import distributed
+from provq_lightning.kmeans import kmeans
+from provq_lightning.schedules import Phase, alpha_at, check_schedule, omega, phase_at
+from provq_lightning.tokenizer import VQTokenizer
+
+
+class CurriculumCallback(Callback):
+    """Set alpha/omega/phase every training step and seed the codebook once by k-means.
+
+    Args:
+        warmup_steps: steps of continuous-autoencoder training (quantizer bypassed).
+        transition_steps: steps of the soft transition after warmup.
+        schedule: alpha ramp during the transition: ``cosine``, ``linear``, ``exponential`` or
+            ``hard``.
+        lam: lambda in ``omega = lam + (1 - lam) * (1 - alpha)``, the VQ-loss weight floor.
+        kmeans_init: seed the codebook by k-means on encoder outputs at the end of warmup.
+        kmeans_samples: reservoir size (vectors, gathered across ranks); default 16 x K.
+        kmeans_collect_batches: the last this many warmup batches feed the reservoir.
+        kmeans_iters: maximum Lloyd iterations.
+        seed: seed of the reservoir sampling and of k-means++.
+    """
+
+    def __init__(
+        self,
+        warmup_steps: int = 0,
+        transition_steps: int = 0,
+        schedule: str = "cosine",
+        lam: float = 0.5,
+        kmeans_init: bool = True,
+        kmeans_samples: int | None = None,
+        kmeans_collect_batches: int = 8,
+        kmeans_iters: int = 100,
+        seed: int = 0,
+    ) -> None:
+        if warmup_steps < 0 or transition_steps < 0:
+            raise ValueError("warmup_steps and transition_steps must be >= 0")
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must lie in [0, 1], got {lam}")
+        if kmeans_init and warmup_steps == 0:
+            raise ValueError(
+                "kmeans_init=True needs warmup_steps > 0 (k-means runs on warmup encoder outputs); "
+                "set kmeans_init: false for the vanilla and soft-only variants"
+            )
+        if kmeans_collect_batches < 1:
+            raise ValueError("kmeans_collect_batches must be >= 1")
+        self.warmup_steps = warmup_steps
+        self.transition_steps = transition_steps
+        self.schedule = check_schedule(schedule)
+        self.lam = lam
+        self.kmeans_init = kmeans_init
+        self.kmeans_samples = kmeans_samples
+        self.kmeans_collect_batches = kmeans_collect_batches
+        self.kmeans_iters = kmeans_iters
+        self.seed = seed
+        # State saved in checkpoints.
+        self.seeded = False
+        self.seed_count = 0
+        self.seeded_at_step: int | None = None
+        self.reservoir: torch.Tensor | None = None
+        self.reservoir_keys: torch.Tensor | None = None
+        self.reservoir_batches = 0
+        self._batch_step = 0
+
+    # -- pure views of the schedule ---------------------------------------------------------
+    def values_at(self, step: int) -> tuple[float, float, Phase]:
+        """(alpha, omega, phase) at a curriculum step."""
+        phase = phase_at(step, self.warmup_steps, self.transition_steps)
+        alpha = alpha_at(step, self.warmup_steps, self.transition_steps, self.schedule)
+        return alpha, omega(alpha, self.lam), phase
+
+    def _collecting(self, step: int) -> bool:
+        return (
+            self.kmeans_init
+            and not self.seeded
+            and self.warmup_steps - self.kmeans_collect_batches <= step < self.warmup_steps
+        )
+
+    # -- hooks ------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, VQTokenizer):
+            raise TypeError(
+                f"CurriculumCallback drives a provq VQTokenizer; got {type(pl_module).__name__}"
+            )
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: VQTokenizer, batch: Any, batch_idx: int
+    ) -> None:
+        step = pl_module.curriculum_step()
+        self._batch_step = step
+        alpha, w, phase = self.values_at(step)
+        if phase is not Phase.WARMUP and self.kmeans_init and not self.seeded:
+            self._seed_codebook(trainer, pl_module, step)
+        pl_module.set_curriculum(alpha, w, phase)
+        pl_module.log_dict(
+            {"curriculum/alpha": alpha, "curriculum/omega": w, "curriculum/phase": float(phase)},
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
+        )
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: VQTokenizer, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        latents, pl_module.seeding_latents = pl_module.seeding_latents, None
+        step = self._batch_step  # the counter may already have advanced past this batch
+        if latents is None or not self._collecting(step):
+            return
+        self._add_to_reservoir(distributed.gather_rows(latents.float()), pl_module)
+
+    # -- reservoir and seeding ------------------------------------------------------------
+    def _capacity(self, pl_module: VQTokenizer) -> int:
+        return self.kmeans_samples or 16 * pl_module.quantizer.num_codes
+
+    def _add_to_reservoir(self, rows: torch.Tensor, pl_module: VQTokenizer) -> None:
+        # Bottom-k sampling: every vector gets a random key, the reservoir keeps the smallest
+        # keys. That is a uniform sample of everything seen, identical on all ranks because the
+        # rows are gathered first and the keys come from a generator seeded by a saved counter.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.reservoir_batches)
+        self.reservoir_batches += 1
+        keys = torch.rand(rows.shape[0], generator=generator, dtype=torch.float64)
+        rows = rows.detach().cpu()
+        if self.reservoir is not None:
+            rows = torch.cat([self.reservoir, rows])
+            keys = torch.cat([self.reservoir_keys, keys])
+        capacity = self._capacity(pl_module)
+        if rows.shape[0] > capacity:
+            keep = keys.topk(capacity, largest=False).indices.sort().values
+            rows, keys = rows[keep], keys[keep]
+        self.reservoir, self.reservoir_keys = rows, keys
+
+    def _seed_codebook(self, trainer: Trainer, pl_module: VQTokenizer, step: int) -> None:
+        k = pl_module.quantizer.num_codes
+        if self.reservoir is None:
+            raise RuntimeError(
+                f"k-means seeding at step {step} found no encoder outputs: the reservoir is "
+                f"filled during the last {self.kmeans_collect_batches} warmup steps (before "
+                f"step {self.warmup_steps}). Was the run resumed from a checkpoint written "
+                "without this callback? Start it again, or set kmeans_init: false."
+            )
+        if self.reservoir.shape[0] < k:
+            raise RuntimeError(
+                f"k-means seeding needs at least {k} vectors for {k} codes but collected "
+                f"{self.reservoir.shape[0]}; raise kmeans_collect_batches (now "
+                f"{self.kmeans_collect_batches}) or the batch size"
+            )
+        device = pl_module.device
+        centers = torch.empty(k, pl_module.quantizer.code_dim, device=device)
+        if distributed.rank() == 0:
+            started = time.perf_counter()
+            result = kmeans(self.reservoir.to(device), k, iters=self.kmeans_iters, seed=self.seed)
+            centers = result.centers.to(device)
+            rank_zero_info(
+                f"[provq] step {step}: seeded {k} codes by k-means on "
+                f"{self.reservoir.shape[0]} vectors in {time.perf_counter() - started:.1f}s "
+                f"({result.iterations} iterations, inertia {result.inertia:.4g}, "
+                f"{result.reseeded} empty clusters re-seeded)"
+            )
+        centers = distributed.broadcast_tensor(centers, src=0)
+        pl_module.quantizer.set_codebook(centers)
+        self.seeded = True
+        self.seed_count += 1
+        self.seeded_at_step = step
+        self.reservoir = self.reservoir_keys = None
+
+    # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seeded": self.seeded,
+            "seed_count": self.seed_count,
+            "seeded_at_step": self.seeded_at_step,
+            "reservoir": self.reservoir,
+            "reservoir_keys": self.reservoir_keys,
+            "reservoir_batches": self.reservoir_batches,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seeded = bool(state_dict["seeded"])
+        self.seed_count = int(state_dict["seed_count"])
+        self.seeded_at_step = state_dict["seeded_at_step"]
+        self.reservoir = state_dict["reservoir"]
+        self.reservoir_keys = state_dict["reservoir_keys"]
+        self.reservoir_batches = int(state_dict["reservoir_batches"])
