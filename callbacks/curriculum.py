@@ -118,12 +118,17 @@ class CurriculumCallback(Callback):
         if phase is not Phase.WARMUP and self.kmeans_init and not self.seeded:
             self._seed_codebook(trainer, pl_module, step)
         pl_module.set_curriculum(alpha, w, phase)
-        pl_module.log_dict(
-            {"curriculum/alpha": alpha, "curriculum/omega": w, "curriculum/phase": float(phase)},
-            on_step=True,
-            on_epoch=False,
-            batch_size=1,
-        )
+        if pl_module.should_log_step():
+            pl_module.log_dict(
+                {
+                    "curriculum/alpha": alpha,
+                    "curriculum/omega": w,
+                    "curriculum/phase": float(phase),
+                },
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: VQTokenizer, outputs: Any, batch: Any, batch_idx: int

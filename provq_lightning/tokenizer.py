@@ -47,6 +47,11 @@ class VQTokenizer(LightningModule):
         """Omega: the weight of ``QuantizerOutput.loss`` in the total loss."""
         return float(self.curriculum_omega)
 
+    def should_log_step(self) -> bool:
+        """True on the steps Lightning writes to the logger; skips per-step logging cost."""
+        trainer = self.trainer
+        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+
     def curriculum_step(self) -> int:
         """The step the schedules are evaluated at; must count training batches."""
         return self.trainer.global_step

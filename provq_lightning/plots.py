@@ -1,0 +1,46 @@
+"""Figures people look at instead of reading numbers."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless clusters and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+
+
+def embedding_figure(
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    codebook: torch.Tensor,
+    title: str = "",
+    names: dict[int, str] | None = None,
+    ax: plt.Axes | None = None,
+) -> plt.Figure:
+    """Encoder embeddings coloured by component, with the codebook as black crosses.
+
+    Only the first two latent dimensions are drawn.
+    """
+    names = names or {0: "disk", 1: "triangle"}
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    else:
+        fig = ax.figure
+    for label, name in names.items():
+        sel = labels == label
+        ax.scatter(
+            latents[sel, 0],
+            latents[sel, 1],
+            s=6,
+            alpha=0.6,
+            color=COLORS[label % len(COLORS)],
+            label=f"{name} embeddings",
+        )
+    ax.scatter(codebook[:, 0], codebook[:, 1], marker="x", s=40, color="black", label="codes")
+    ax.set_title(title)
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    return fig
