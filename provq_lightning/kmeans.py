@@ -73,11 +73,13 @@ def kmeans(
     seed: int = 0,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     progress: Callable[[int, float], None] | None = None,
+    init: torch.Tensor | None = None,
 ) -> KMeansResult:
     """Lloyd's k-means on ``x`` (N x D) with k-means++ init; empty clusters are re-seeded.
 
     Stops after ``iters`` iterations or when the relative inertia change falls below ``tol``.
-    ``progress(iteration, inertia)`` is called after each iteration.
+    ``progress(iteration, inertia)`` is called after each iteration; ``init`` replaces the
+    k-means++ starting centres.
     """
     if x.dim() != 2:
         raise ValueError(f"kmeans expects an (N, D) tensor, got shape {tuple(x.shape)}")
@@ -90,8 +92,11 @@ def kmeans(
     x = x.float()
     gen_device = x.device if x.device.type != "mps" else torch.device("cpu")
     generator = torch.Generator(device=gen_device).manual_seed(seed)
-    with exact_fp32_matmul(x.device):
-        centers = kmeans_plus_plus(x, k, generator)
+    if init is not None:
+        centers = init.to(x).clone()
+    else:
+        with exact_fp32_matmul(x.device):
+            centers = kmeans_plus_plus(x, k, generator)
     previous = float("inf")
     reseeded = 0
     iteration = 0
