@@ -1,0 +1,113 @@
+"""provq-fit as users run it: config errors, print_config, fit outputs, validate."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def provq_fit(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "provq_lightning.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+CONFIG = str(REPO / "experiments" / "topodisc_provq.yaml")
+
+
+def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """Run provq-fit's argument handling in this process (no training starts on errors)."""
+    from provq_lightning.cli import main
+
+    argv = sys.argv
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bad_key_and_bad_type_fail_before_training_naming_the_key(tmp_path, capsys):
+    code, out, err = cli_in_process(capsys, "--config", CONFIG, "--model.init_args.num_codez", "8")
+    assert code != 0 and "num_codez" in err
+    code, out, err = cli_in_process(capsys, "--config", CONFIG, "--model.init_args.num_codes", "x")
+    assert code != 0 and "num_codes" in err
+    cfg = yaml.safe_load(Path(CONFIG).read_text())
+    cfg["trainer"]["callbacks"][0]["init_args"]["warmup_stepz"] = 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    code, out, err = cli_in_process(capsys, "--config", str(bad))
+    assert code != 0 and "warmup_stepz" in err
+    assert "Epoch" not in out  # nothing trained
+
+
+def test_print_config_resolves_the_yaml(capsys):
+    code, out, err = cli_in_process(capsys, "--config", CONFIG, "--print_config")
+    assert code == 0, err[-2000:]
+    cfg = yaml.safe_load(out)
+    assert cfg["model"]["class_path"] == "provq_lightning.topodisc.TopoDiscTokenizer"
+    assert cfg["trainer"]["callbacks"][0]["init_args"]["warmup_steps"] == 1000
+
+
+def test_fit_writes_config_and_metrics_then_validate_and_test_work(tmp_path):
+    common = [
+        "--config",
+        CONFIG,
+        "--trainer.max_steps",
+        "30",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.version",
+        "v",
+        "--trainer.check_val_every_n_epoch",
+        "3",
+        "--model.init_args.num_codes",
+        "8",
+        "--data.init_args.steps_per_epoch",
+        "10",
+    ]
+    fit = provq_fit(*common)  # no subcommand: fit is implied
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run = tmp_path / "topodisc_provq" / "v"
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 30
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in (
+        "val/mse",
+        "val/mse_disk",
+        "val/mse_triangle",
+        "val/utilization",
+        "val/perplexity",
+        "val/normalized_perplexity",
+        "val/dead_codes",
+        "val/codebook_distance",
+        "val/codebook_distance_used",
+    ):
+        assert isinstance(metrics[key], float), key
+    assert metrics["global_step"] == 30.0
+    events = list(run.glob("events.out.tfevents.*"))
+    assert events, "TensorBoard event file missing"
+
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    # A second invocation in the same directory (a requeue) must not trip over config.yaml.
+    val = provq_fit("validate", *common, "--ckpt_path", ckpt)
+    assert val.returncode == 0, val.stderr[-3000:]
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["val/mse_triangle"] == metrics["val/mse_triangle"]
+    test = provq_fit("test", *common, "--ckpt_path", ckpt)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "test/mse_triangle" in json.loads((run / "metrics.json").read_text())
