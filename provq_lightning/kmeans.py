@@ -7,6 +7,7 @@ K = 16384 codes and hundreds of thousands of vectors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,37 +25,62 @@ class KMeansResult:
 
 
 def kmeans_plus_plus(
-    x: torch.Tensor, k: int, generator: torch.Generator, batch: int | None = None
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    batch: int | None = None,
+    local_trials: int | None = None,
+    chunk_rows: int = 8192,
 ) -> torch.Tensor:
-    """k-means++ initial centres: new centres drawn with probability proportional to D(x)^2.
+    """Greedy k-means++ initial centres.
 
-    ``batch`` centres are drawn per round before the distances are updated (one N x batch
-    product instead of ``batch`` sequential passes). ``batch=1`` is exact k-means++; the
-    default grows with K so K = 16384 seeds in seconds, while small codebooks stay exact.
+    Each new centre is the best of ``local_trials`` candidates drawn with probability
+    proportional to D(x)^2 (best = largest drop in total squared distance), as in
+    scikit-learn's k-means++. ``batch`` centres are chosen per round before the distances are
+    updated, so K = 16384 needs a few hundred passes over the data instead of 16384; small
+    codebooks (K <= 256) keep one centre per round, i.e. exact greedy k-means++.
     """
-    n = x.shape[0]
+    n, d = x.shape
     batch = batch or max(1, k // 256)
-    centers = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    trials = local_trials or 2 + int(math.log(k))
     gen_device = generator.device
+    centers = torch.empty(k, d, dtype=x.dtype, device=x.device)
     first = int(torch.randint(n, (1,), generator=generator, device=gen_device))
     centers[0] = x[first]
     x_sq = (x * x).sum(dim=1)
-    min_sq = (x - centers[0]).pow(2).sum(dim=1)
+    min_sq = (x - centers[0]).pow(2).sum(dim=1).clamp_min(0)
     filled = 1
     while filled < k:
         take = min(batch, k - filled)
-        weights = min_sq.clamp_min(0).double()
-        if float(weights.sum()) <= 0:  # fewer distinct points than centres: uniform picks
-            picks = torch.randint(n, (take,), generator=generator, device=gen_device)
+        total = float(min_sq.sum())
+        if total <= 0:  # fewer distinct points than centres: uniform picks
+            cand = torch.randint(n, (take, trials), generator=generator, device=gen_device)
         else:
-            cdf = weights.cumsum(0)
-            u = torch.rand(take, generator=generator, device=gen_device, dtype=torch.float64)
-            picks = torch.searchsorted(cdf, u.to(x.device) * cdf[-1]).clamp_max(n - 1)
-        new = x[picks.to(x.device)]
+            cdf = min_sq.double().cumsum(0)
+            u = torch.rand(
+                take * trials, generator=generator, device=gen_device, dtype=torch.float64
+            )
+            cand = torch.searchsorted(cdf, u.to(x.device) * cdf[-1]).clamp_max(n - 1)
+        cand = cand.to(x.device).reshape(take, trials)
+        points = x[cand.reshape(-1)]
+        p_sq = (points * points).sum(dim=1)
+        gain = torch.zeros(take * trials, dtype=torch.float64, device=x.device)
+        slack = min_sq - x_sq  # drop of x's squared distance = relu(slack + 2 x.p - |p|^2)
+        for s in range(0, n, chunk_rows):
+            drop = torch.addmm(-p_sq, x[s : s + chunk_rows], points.t(), alpha=2.0)
+            drop += slack[s : s + chunk_rows, None]
+            gain += drop.relu_().sum(dim=0).double()
+        best = gain.view(take, trials).argmax(dim=1)
+        new = x[cand[torch.arange(take, device=x.device), best]]
         centers[filled : filled + take] = new
         filled += take
-        d = x_sq.unsqueeze(1) - 2.0 * x @ new.t() + (new * new).sum(dim=1)
-        min_sq = torch.minimum(min_sq, d.min(dim=1).values)
+        n_sq = (new * new).sum(dim=1)
+        for s in range(0, n, chunk_rows):
+            dist = torch.addmm(n_sq, x[s : s + chunk_rows], new.t(), alpha=-2.0)
+            dist += x_sq[s : s + chunk_rows, None]
+            min_sq[s : s + chunk_rows] = torch.minimum(
+                min_sq[s : s + chunk_rows], dist.min(dim=1).values.clamp_min(0)
+            )
     return centers
 
 
