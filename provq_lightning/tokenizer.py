@@ -49,8 +49,8 @@ class VQTokenizer(LightningModule):
 
     def should_log_step(self) -> bool:
         """True on the steps Lightning writes to the logger; skips per-step logging cost."""
-        trainer = self.trainer
-        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+        # Lightning's own decision (it is also what `self.log(on_step=True)` obeys).
+        return self.trainer._logger_connector.should_update_logs
 
     def curriculum_step(self) -> int:
         """The step the schedules are evaluated at; must count training batches."""

@@ -110,10 +110,11 @@ class TopoDiscTokenizer(VQTokenizer):
 
     def _figure_due(self) -> bool:
         every = self.hparams.figure_every_n_epochs
+        # Lightning validates after epoch e when (e + 1) % check_val_every_n_epoch == 0.
         return (
             every > 0
             and not self.trainer.sanity_checking
-            and self.current_epoch % every == 0
+            and (self.current_epoch + 1) % every == 0
             and self.logger is not None
             and hasattr(self.logger.experiment, "add_figure")
         )

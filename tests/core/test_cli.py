@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,6 +81,10 @@ def test_fit_writes_config_and_metrics_then_validate_and_test_work(tmp_path):
         "8",
         "--data.init_args.steps_per_epoch",
         "10",
+        "--model.init_args.figure_every_n_epochs",
+        "3",
+        "--trainer.log_every_n_steps",
+        "5",
     ]
     fit = provq_fit(*common)  # no subcommand: fit is implied
     assert fit.returncode == 0, fit.stderr[-3000:]
@@ -99,8 +104,18 @@ def test_fit_writes_config_and_metrics_then_validate_and_test_work(tmp_path):
     ):
         assert isinstance(metrics[key], float), key
     assert metrics["global_step"] == 30.0
-    events = list(run.glob("events.out.tfevents.*"))
-    assert events, "TensorBoard event file missing"
+    events = EventAccumulator(str(run)).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in (
+        "curriculum/alpha",
+        "curriculum/omega",
+        "curriculum/phase",
+        "train/loss",
+        "val/mse_triangle",
+        "val/utilization",
+    ):
+        assert tag in scalars, tag
+    assert "val/embeddings" in events.Tags()["images"]  # the embeddings/codebook figure
 
     ckpt = str(run / "checkpoints" / "last.ckpt")
     # A second invocation in the same directory (a requeue) must not trip over config.yaml.
