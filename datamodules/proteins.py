@@ -1,0 +1,232 @@
+"""Protein structure datamodule: parse once into a shard cache, then stream chains from it.
+
+``prepare_data`` (rank 0 only under DDP) builds the cache with ``provq-prep-structures``'s code
+when it is missing or stale (the cache directory is keyed by a fingerprint of the files and the
+parse/split settings); every rank then reads its share of the shards, memory-mapped. Training
+crops long chains to a random contiguous window of ``crop_length``; validation and test take the
+first window, so their metrics are deterministic.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from provq_lightning.protein.cache import (
+    CacheSettings,
+    discover,
+    fingerprint,
+    load_manifest,
+    load_shard,
+    prepare_cache,
+    unpack_chain,
+)
+from provq_lightning.protein.parsing import ParseOptions
+from provq_lightning.protein.paths import resolve_data_path
+
+log = logging.getLogger("provq.protein")
+
+
+class CachedStructures(Dataset):
+    """Chains of one split of a structure cache, as centred, optionally cropped tensors."""
+
+    def __init__(
+        self,
+        cache_dir: Path | str,
+        split: str | Sequence[str],
+        crop_length: int | None = 512,
+        random_crop: bool = False,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        manifest = load_manifest(self.cache_dir)
+        splits = [split] if isinstance(split, str) else list(split)
+        self.shard_files: list[Path] = []
+        self.starts: list[int] = []
+        total = 0
+        for name in splits:
+            for shard in manifest["shards"].get(name, []):
+                self.shard_files.append(self.cache_dir / shard["file"])
+                self.starts.append(total)
+                total += shard["chains"]
+        self.length = total
+        self.crop_length = crop_length
+        self.random_crop = random_crop
+        self._shards: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _shard(self, k: int) -> dict:
+        if k not in self._shards:  # loaded lazily, so each worker/rank maps only what it reads
+            self._shards[k] = load_shard(self.shard_files[k])
+        return self._shards[k]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        k = bisect.bisect_right(self.starts, index) - 1
+        chain = unpack_chain(self._shard(k), index - self.starts[k])
+        coords = torch.from_numpy(np.array(chain.coords))
+        residue_index = torch.from_numpy(np.array(chain.residue_index))
+        aatype = torch.from_numpy(np.array(chain.aatype)).long()
+        n = coords.shape[0]
+        if self.crop_length is not None and n > self.crop_length:
+            if self.random_crop:
+                start = int(torch.randint(0, n - self.crop_length + 1, ()).item())
+            else:
+                start = 0
+            sl = slice(start, start + self.crop_length)
+            coords, residue_index, aatype = coords[sl], residue_index[sl], aatype[sl]
+        residue_mask = torch.isfinite(coords[:, :3]).all(-1).all(-1)
+        # Centre on the mean CA: the model is translation-invariant, the float32 maths is
+        # better conditioned near the origin.
+        if residue_mask.any():
+            coords = coords - coords[residue_mask, 1].mean(0)
+        return {
+            "id": chain.id,
+            "coords": coords,
+            "residue_index": residue_index - residue_index[0],
+            "aatype": aatype,
+            "residue_mask": residue_mask,
+        }
+
+
+def collate_structures(items: list[dict]) -> dict:
+    """Pad to the longest chain: coords (B, L, 4, 3) with zeros where absent, ``atom_mask``
+    (B, L, 4), ``residue_mask`` (N, CA and C present), ``pad_mask`` (real positions)."""
+    b = len(items)
+    n = max(item["coords"].shape[0] for item in items)
+    coords = torch.zeros(b, n, 4, 3)
+    atom_mask = torch.zeros(b, n, 4, dtype=torch.bool)
+    residue_mask = torch.zeros(b, n, dtype=torch.bool)
+    pad_mask = torch.zeros(b, n, dtype=torch.bool)
+    residue_index = torch.zeros(b, n, dtype=torch.long)
+    aatype = torch.full((b, n), 20, dtype=torch.long)
+    for i, item in enumerate(items):
+        m = item["coords"].shape[0]
+        present = torch.isfinite(item["coords"]).all(-1)
+        coords[i, :m] = torch.nan_to_num(item["coords"], nan=0.0)
+        atom_mask[i, :m] = present
+        residue_mask[i, :m] = item["residue_mask"]
+        pad_mask[i, :m] = True
+        residue_index[i, :m] = item["residue_index"]
+        aatype[i, :m] = item["aatype"]
+    return {
+        "ids": [item["id"] for item in items],
+        "coords": coords,
+        "atom_mask": atom_mask,
+        "residue_mask": residue_mask,
+        "pad_mask": pad_mask,
+        "residue_index": residue_index,
+        "aatype": aatype,
+    }
+
+
+class ProteinStructureDataModule(LightningDataModule):
+    """Protein chains from PDB / mmCIF / BinaryCIF files (gzipped or not), via a shard cache.
+
+    Args:
+        sources: folders (searched recursively), structure files, or list files of paths;
+            ``../shared/data/...`` resolves to the shared sample data (``PROVQ_SHARED_DATA``).
+        cache_dir: where the cache lives; default ``runs/cache/proteins-<fingerprint>``.
+        chains: keep only these ``<entry>_<chain>`` ids or entry (CATH domain) names.
+        altloc: ``occupancy`` (highest-occupancy location) or ``first``.
+        min_length: minimum residues with a full N/CA/C backbone for a chain to be used.
+        max_length: drop chains longer than this (default: keep, and crop).
+        crop_length: contiguous window length for training (random) and evaluation (first).
+        val_fraction, split_seed: the deterministic by-entry train/val split.
+        batch_size, num_workers: data loading.
+        prep_workers: processes for parsing when the cache is built.
+    """
+
+    def __init__(
+        self,
+        sources: str | list[str] = "../shared/data/proteins",
+        cache_dir: str | None = None,
+        chains: list[str] | None = None,
+        altloc: str = "occupancy",
+        min_length: int = 10,
+        max_length: int | None = None,
+        crop_length: int | None = 512,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        prep_workers: int = 1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.sources = [sources] if isinstance(sources, str) else list(sources)
+        self.settings = CacheSettings(
+            options=ParseOptions(altloc, min_length, max_length),
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            chains=tuple(chains) if chains is not None else None,
+        )
+        self._cache_dir = cache_dir
+        self.crop_length = crop_length
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.prep_workers = prep_workers
+
+    def resolved_sources(self) -> list[Path]:
+        return [resolve_data_path(s) for s in self.sources]
+
+    @property
+    def cache_dir(self) -> Path:
+        if self._cache_dir is not None:
+            return resolve_data_path(self._cache_dir, must_exist=False)
+        fp = fingerprint(discover(self.resolved_sources()).files, self.settings)
+        return Path("runs") / "cache" / f"proteins-{fp}"
+
+    def prepare_data(self) -> None:
+        manifest = prepare_cache(
+            self.resolved_sources(), self.cache_dir, self.settings, workers=self.prep_workers
+        )
+        c = manifest["counts"]
+        log.info(
+            "structures: %d files, %d loaded, %d skipped; chains train %d, val %d (cache %s)",
+            c["files"], c["loaded"], c["skipped"], c["chains"]["train"], c["chains"]["val"],
+            self.cache_dir,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        cache = self.cache_dir
+        self.train_set = CachedStructures(cache, "train", self.crop_length, random_crop=True)
+        self.val_set = CachedStructures(cache, "val", self.crop_length, random_crop=False)
+        if len(self.train_set) == 0 and stage in (None, "fit"):
+            raise ValueError(
+                f"structure cache {cache} has no training chains; see its skipped.tsv and "
+                "manifest.json for why files were skipped"
+            )
+
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None):
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_structures,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every cached chain (train and val), uncropped, one per batch: for tokenization."""
+        full = CachedStructures(self.cache_dir, ("train", "val"), crop_length=None)
+        return self._loader(full, shuffle=False, batch_size=1)

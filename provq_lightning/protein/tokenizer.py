@@ -1,0 +1,258 @@
+"""``ProteinTokenizer``: the ESM3 / StructTokenBench structure VQ-VAE on provq's curriculum.
+
+Encoder (kNN geometric attention, SE(3)-invariant) -> ``VectorQuantizer`` -> decoder
+(transformer over codes, frame head placing ideal N/CA/C, C-beta distogram head).
+
+Variants (``variant``):
+- ``vanilla``: a plain learnable codebook (StructTokenBench's VanillaVQ);
+- ``aminoaseed``: effective codes = Linear(C) with the base codebook C frozen (after k-means
+  seeding, when the curriculum seeds it), AminoAseed's reparameterisation.
+ProVQ or not is the ``CurriculumCallback`` in the config, not a model option.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from provq_lightning.protein.decoder import StructureDecoder
+from provq_lightning.protein.encoder import StructureEncoder
+from provq_lightning.protein.geometry import backbone_with_oxygen
+from provq_lightning.protein.losses import (
+    backbone_direction_loss,
+    backbone_distance_loss,
+    distogram_loss,
+)
+from provq_lightning.protein.metrics import CALDDT, BackboneRMSD
+from provq_lightning.protein.pdb_io import write_backbone_pdb
+from provq_lightning.quantizer import VectorQuantizer
+from provq_lightning.tokenizer import VQTokenizer
+
+VARIANTS = ("vanilla", "aminoaseed")
+MISSING_TOKEN = -1  # residues without a backbone frame have no code
+
+
+class ProteinTokenizer(VQTokenizer):
+    """Structure tokenizer; defaults are a small CPU model, the paper's is in the cath_ configs.
+
+    Args:
+        variant: ``vanilla`` or ``aminoaseed`` (see module docstring).
+        num_codes, code_dim: codebook size K and code dimension D (paper 512, 1024).
+        encoder_dim, encoder_heads, encoder_layers: geometric encoder width, vector heads,
+            depth (paper 1024, 128, 2); ``knn`` neighbourhood (16), ``rel_pos_bins`` (32).
+        decoder_dim, decoder_heads, decoder_layers: decoder transformer (paper 1024, 16, 8);
+            ``pair_dim`` width of the distogram head (paper 128).
+        beta: commitment weight; ``l2_normalize``, ``codebook_init`` as in ``VectorQuantizer``.
+        distance_weight, direction_weight, distogram_weight: reconstruction loss weights.
+        distance_clamp, direction_clamp: per-pair squared-error clamps (25, 20).
+        lr, weight_decay, lr_warmup_steps: AdamW with a linear learning-rate warmup.
+    """
+
+    def __init__(
+        self,
+        variant: str = "vanilla",
+        num_codes: int = 64,
+        code_dim: int = 32,
+        encoder_dim: int = 64,
+        encoder_heads: int = 8,
+        encoder_layers: int = 2,
+        knn: int = 16,
+        rel_pos_bins: int = 32,
+        decoder_dim: int = 64,
+        decoder_heads: int = 4,
+        decoder_layers: int = 2,
+        pair_dim: int = 32,
+        beta: float = 0.25,
+        l2_normalize: bool = False,
+        codebook_init: str = "uniform",
+        distance_weight: float = 1.0,
+        direction_weight: float = 1.0,
+        distogram_weight: float = 1.0,
+        distance_clamp: float = 25.0,
+        direction_clamp: float = 20.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        lr_warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.save_hyperparameters()
+        self.encoder = StructureEncoder(
+            encoder_dim, encoder_heads, encoder_layers, code_dim, knn, rel_pos_bins
+        )
+        aminoaseed = variant == "aminoaseed"
+        self.quantizer = VectorQuantizer(
+            num_codes,
+            code_dim,
+            beta=beta,
+            l2_normalize=l2_normalize,
+            linear_codebook=aminoaseed,
+            freeze_base_codebook=aminoaseed,
+            init=codebook_init,
+        )
+        self.decoder = StructureDecoder(
+            code_dim,
+            decoder_dim,
+            decoder_heads,
+            decoder_layers,
+            distogram_bins=64 if distogram_weight > 0 else 0,
+            pair_dim=pair_dim,
+        )
+        self.rmsd = nn.ModuleDict({"val": BackboneRMSD(), "test": BackboneRMSD()})
+        self.lddt = nn.ModuleDict({"val": CALDDT(), "test": CALDDT()})
+
+    # -- model ------------------------------------------------------------------------------
+    def encode(self, batch: dict) -> torch.Tensor:
+        return self.encoder(batch["coords"], batch["residue_mask"], batch["residue_index"])
+
+    def reconstruction_losses(self, batch: dict, out) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        true = batch["coords"][:, :, :3].float()
+        pred = out.backbone.float()
+        mask = batch["residue_mask"]
+        # Distances and dot products of coordinates need float32 (bf16 autocast would turn the
+        # direction loss's matmul into ~0.5 A^2 noise).
+        with torch.autocast(true.device.type, enabled=False):
+            losses = {
+                "distance": backbone_distance_loss(pred, true, mask, hp.distance_clamp),
+                "direction": backbone_direction_loss(
+                    pred, true, mask, batch["residue_index"], hp.direction_clamp
+                ),
+            }
+            if out.distogram_logits is not None:
+                losses["distogram"] = distogram_loss(out.distogram_logits.float(), true, mask)
+        return losses
+
+    def _step(self, batch: dict):
+        mask = batch["residue_mask"]
+        q = self.quantize(self.encode(batch), mask=mask)
+        out = self.decoder(q.z_tilde, mask, batch["pad_mask"])
+        losses = self.reconstruction_losses(batch, out)
+        hp = self.hparams
+        weights = {
+            "distance": hp.distance_weight,
+            "direction": hp.direction_weight,
+            "distogram": hp.distogram_weight,
+        }
+        recon = sum(weights[k] * v for k, v in losses.items())
+        return q, out, losses, recon
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        q, _, losses, recon = self._step(batch)
+        loss = recon + self.vq_loss_weight * q.loss
+        if self.should_log_step():
+            n = int(batch["residue_mask"].sum())
+            self.log_dict(
+                {
+                    "train/loss": loss,
+                    "train/recon": recon,
+                    "train/vq": q.loss,
+                    **{f"train/{k}": v for k, v in losses.items()},
+                },
+                on_step=True,
+                on_epoch=False,
+                batch_size=max(n, 1),
+            )
+        return loss
+
+    def _evaluate(self, batch: dict, prefix: str) -> None:
+        q, out, losses, recon = self._step(batch)  # eval mode: always hard quantization
+        mask = batch["residue_mask"]
+        true = batch["coords"][:, :, :3]
+        self.rmsd[prefix].update(out.backbone.float(), true, mask)
+        self.lddt[prefix].update(out.backbone.float(), true, mask)
+        self.update_codebook_metrics(q.indices, mask)
+        b = int(mask.any(-1).sum())
+        self.log(f"{prefix}/recon", recon, batch_size=max(b, 1))
+        self.log(f"{prefix}/vq", q.loss, batch_size=max(b, 1))
+        for k, v in losses.items():
+            self.log(f"{prefix}/{k}", v, batch_size=max(b, 1))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _log_structure_metrics(self, prefix: str) -> None:
+        for name, metric in (("rmsd", self.rmsd[prefix]), ("lddt", self.lddt[prefix])):
+            if metric.update_called:
+                self.log(f"{prefix}/{name}", metric.compute())
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_structure_metrics("val")
+        super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_structure_metrics("test")
+        super().on_test_epoch_end()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # No decay on the codebook, norms and biases: decay would pull codes to the origin.
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            plain = p.ndim < 2 or name.startswith("quantizer.embedding") or "rel_pos" in name
+            (no_decay if plain else decay).append(p)
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": hp.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=hp.lr,
+        )
+        if hp.lr_warmup_steps <= 0:
+            return opt
+        warm = hp.lr_warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- tokenize / decode hooks (provq-tokenize, provq-decode) ---------------------------
+    @torch.no_grad()
+    def tokens(self, batch: dict) -> torch.Tensor:
+        """Code ids (B, L); ``MISSING_TOKEN`` where a residue has no backbone or is padding."""
+        was_training = self.training
+        self.eval()
+        try:
+            q = self.quantizer(self.encode(batch), alpha=0.0, mask=batch["residue_mask"])
+        finally:
+            self.train(was_training)
+        return q.indices.masked_fill(~batch["residue_mask"], MISSING_TOKEN)
+
+    def tokenize_batch(self, batch: dict) -> list[tuple[str, torch.Tensor]]:
+        """``(chain id, int64 codes of its residues)`` per chain; -1 marks residues without a
+        backbone frame."""
+        codes = self.tokens(batch).cpu()
+        lengths = batch["pad_mask"].sum(-1).tolist()
+        pairs = zip(batch["ids"], lengths, strict=True)
+        return [(key, codes[i, :n]) for i, (key, n) in enumerate(pairs)]
+
+    @torch.no_grad()
+    def decode_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """Backbone (L, 4, 3) N/CA/C/O decoded from a code sequence (L,) (-1 = missing)."""
+        codes = torch.as_tensor(codes, device=self.device).long().reshape(-1)
+        if codes.numel() == 0:
+            raise ValueError("cannot decode an empty token sequence")
+        k = self.quantizer.num_codes
+        if int(codes.max()) >= k or int(codes.min()) < MISSING_TOKEN:
+            raise ValueError(f"token ids must lie in [0, {k}) or be {MISSING_TOKEN}")
+        present = codes >= 0
+        z = self.quantizer.lookup(codes.clamp_min(0)).unsqueeze(0)
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.decoder(z, present[None], torch.ones_like(present)[None], False)
+        finally:
+            self.train(was_training)
+        return backbone_with_oxygen(out.backbone[0].float())
+
+    def decode_tokens_to_file(self, key: str, codes: torch.Tensor, out_dir: Path) -> Path:
+        """Write the decoded backbone of one chain to ``out_dir/<key>.pdb``."""
+        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in key)
+        return write_backbone_pdb(Path(out_dir) / f"{safe}.pdb", self.decode_tokens(codes))

@@ -1,0 +1,150 @@
+"""ProteinTokenizer on the core curriculum: a short ProVQ fit, AminoAseed freezing, hooks, CLI."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+from callbacks.curriculum import CurriculumCallback
+from datamodules.proteins import ProteinStructureDataModule
+from provq_lightning.protein.geometry import CA_C, N_CA
+from provq_lightning.protein.parsing import parse_structure
+from provq_lightning.protein.paths import REPO_ROOT
+from provq_lightning.protein.tokenizer import MISSING_TOKEN, ProteinTokenizer
+from provq_lightning.schedules import Phase
+from tests.protein.test_encoder import chain_batch
+
+TINY = dict(
+    num_codes=16,
+    code_dim=8,
+    encoder_dim=32,
+    encoder_heads=4,
+    encoder_layers=1,
+    decoder_dim=32,
+    decoder_heads=2,
+    decoder_layers=1,
+    pair_dim=16,
+)
+
+
+class Snapshot(pl.Callback):
+    """Copies of the base codebook and of its linear map at the first discrete step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.base = self.proj = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.base = pl_module.quantizer.embedding.weight.detach().clone()
+            self.proj = pl_module.quantizer.projection.weight.detach().clone()
+
+
+@pytest.fixture(scope="module")
+def cath_data(tmp_path_factory, proteins_dir):
+    dm = ProteinStructureDataModule(
+        sources=str(proteins_dir / "cath_domains"),
+        cache_dir=str(tmp_path_factory.mktemp("cath") / "cache"),
+        crop_length=48,
+        val_fraction=0.2,
+        batch_size=4,
+    )
+    dm.prepare_data()
+    return dm
+
+
+def test_provq_aminoaseed_fit_seeds_once_freezes_base_and_logs_metrics(cath_data):
+    pl.seed_everything(0, verbose=False)
+    model = ProteinTokenizer(variant="aminoaseed", **TINY)
+    curriculum = CurriculumCallback(
+        warmup_steps=4, transition_steps=3, kmeans_collect_batches=2, kmeans_iters=10
+    )
+    snap = Snapshot(step=8)
+    trainer = pl.Trainer(
+        max_steps=12,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[curriculum, snap],
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+    )
+    trainer.fit(model, cath_data)
+    assert curriculum.seed_count == 1 and curriculum.seeded_at_step == 4
+    assert model.phase is Phase.DISCRETE
+    # AminoAseed: the base codebook C stays as seeded, only Linear(C) keeps learning.
+    assert not model.quantizer.embedding.weight.requires_grad
+    assert torch.equal(model.quantizer.embedding.weight, snap.base)
+    assert not torch.equal(model.quantizer.projection.weight, snap.proj)
+    metrics = trainer.callback_metrics
+    for key in ("val/rmsd", "val/lddt", "val/utilization", "val/normalized_perplexity",
+                "val/codebook_distance", "val/distance", "val/direction", "val/distogram"):
+        assert key in metrics and math.isfinite(float(metrics[key])), key
+    assert 0 < float(metrics["val/utilization"]) <= 1
+    assert 0 <= float(metrics["val/lddt"]) <= 1 and float(metrics["val/rmsd"]) > 0
+
+
+def test_tokenize_and_decode_to_pdb(tmp_path, proteins_dir):
+    torch.manual_seed(0)
+    model = ProteinTokenizer(**TINY).eval()
+    batch = chain_batch(("1aki.pdb", "1k6p.pdb"))
+    batch["residue_mask"][0, 3] = False  # a residue without a backbone frame
+    pairs = model.tokenize_batch(batch)
+    assert [key for key, _ in pairs] == batch["ids"]
+    lengths = batch["pad_mask"].sum(-1).tolist()
+    for (_, codes), n in zip(pairs, lengths, strict=True):
+        assert codes.dtype == torch.int64 and codes.shape == (n,)
+    key, codes = pairs[0]
+    assert codes[3] == MISSING_TOKEN and (codes[torch.arange(len(codes)) != 3] >= 0).all()
+    path = model.decode_tokens_to_file(key, codes, tmp_path)
+    assert path == tmp_path / "1aki_A.pdb"
+    chain = parse_structure(path).chains[0]
+    assert len(chain) == len(codes) and chain.backbone_mask.all()
+    n_xyz, ca, c = (torch.from_numpy(chain.coords[:, i]) for i in range(3))
+    assert torch.allclose((ca - n_xyz).norm(dim=-1), torch.tensor(N_CA), atol=2e-3)
+    assert torch.allclose((c - ca).norm(dim=-1), torch.tensor(CA_C), atol=2e-3)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model.decode_tokens(torch.tensor([0, 16]))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "proteins_sample",
+        "proteins_sample_vanilla",
+        "cath_vanillavq",
+        "cath_vanillavq_provq",
+        "cath_aminoaseed",
+        "cath_aminoaseed_provq",
+    ],
+)
+def test_configs_resolve(name, capsys):
+    from provq_lightning.cli import main
+
+    argv = sys.argv
+    try:
+        with pytest.raises(SystemExit) as done:
+            main(["--config", str(REPO_ROOT / "experiments" / f"{name}.yaml"), "--print_config"])
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    assert (done.value.code or 0) == 0, out.err[-2000:]
+    cfg = yaml.safe_load(out.out)
+    assert cfg["model"]["class_path"] == "provq_lightning.protein.tokenizer.ProteinTokenizer"
+    curriculum = cfg["trainer"]["callbacks"][0]["init_args"]
+    assert (curriculum["warmup_steps"] > 0) == name.endswith("provq") or name == "proteins_sample"
+    if name.startswith("cath"):
+        assert cfg["model"]["init_args"]["num_codes"] == 512
+        assert cfg["model"]["init_args"]["code_dim"] == 1024
+        assert cfg["model"]["init_args"]["variant"] == (
+            "aminoaseed" if "aminoaseed" in name else "vanilla"
+        )
+        if name.endswith("provq"):
+            assert (curriculum["warmup_steps"], curriculum["transition_steps"]) == (20000, 10000)
+            assert curriculum["lam"] == 1.0 and curriculum["schedule"] == "cosine"
