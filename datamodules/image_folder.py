@@ -1,0 +1,169 @@
+"""A plain image-folder datamodule for small sets (no shards needed).
+
+Reads an ImageNet-layout folder (``<wnid>/*.JPEG``) or a flat folder of ``<wnid>_*.JPEG``
+(the shared sample photos), with the same crops and batch format as ``ImageNetDataModule``.
+A deterministic hold-out (``val_fraction``, chosen by a hash of the file name, so it does not
+move when files are added) gives a validation set when there is no separate folder.
+Under DDP Lightning adds a ``DistributedSampler``. Unreadable images fail loudly here: a small
+folder is meant to be clean (stream shards for large, messy sets).
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.imagenet import read_class_list, resolve_path
+from provq_lightning.image.make_shards import SourceImage, find_images
+from provq_lightning.image.transforms import (
+    UndecodableImage,
+    center_crop,
+    decode_image,
+    random_crop,
+    to_model_range,
+    to_uint8_tensor,
+)
+
+
+def holdout(images: list[SourceImage], fraction: float) -> tuple[list, list]:
+    """Split by a hash of each key: (train, val)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {fraction}")
+    cut = int(fraction * 2**32)
+    val = [im for im in images if zlib.crc32(im.key.encode()) < cut]
+    train = [im for im in images if zlib.crc32(im.key.encode()) >= cut]
+    return train, val
+
+
+class FolderImages(Dataset):
+    def __init__(
+        self,
+        images: list[SourceImage],
+        class_index: dict[str, int],
+        image_size: int,
+        train: bool,
+        seed: int = 0,
+        min_crop_frac: float = 0.8,
+        max_crop_frac: float = 1.0,
+    ) -> None:
+        self.images = images
+        self.class_index = class_index
+        self.image_size = image_size
+        self.train = train
+        self.seed = seed
+        self.min_crop_frac = min_crop_frac
+        self.max_crop_frac = max_crop_frac
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.images[index]
+        size = self.image_size
+        draft = round(size / self.min_crop_frac) + 1 if self.train else size
+        try:
+            img = decode_image(item.path.read_bytes(), draft)
+        except UndecodableImage as exc:
+            raise UndecodableImage(f"{item.path}: {exc} (remove or replace the file)") from exc
+        if self.train:
+            # Fresh randomness per draw; torch's worker seeding makes it reproducible per run.
+            rng = random.Random(torch.randint(0, 2**62, ()).item())
+            img = random_crop(img, size, rng, self.min_crop_frac, self.max_crop_frac)
+        else:
+            img = center_crop(img, size)
+        return {
+            "image": to_uint8_tensor(img),
+            "label": self.class_index.get(item.wnid, -1),
+            "key": item.key,
+        }
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """Images from a folder, for small sets and the CPU sample experiments.
+
+    Args:
+        root: the training folder (``../shared/data/...`` honours ``PROVQ_SHARED_DATA``).
+        val_root: a separate validation folder; if None, ``val_fraction`` of ``root`` is held
+            out (and not trained on).
+        val_fraction: share of ``root`` held out for validation when ``val_root`` is None.
+        image_size, batch_size, num_workers: as usual.
+        class_list: only these wnids (one per line).
+        seed, min_crop_frac, max_crop_frac: augmentation (see ``transforms.random_crop``).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        val_root: str | None = None,
+        val_fraction: float = 0.1,
+        image_size: int = 64,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        class_list: str | None = None,
+        seed: int = 0,
+        min_crop_frac: float = 0.8,
+        max_crop_frac: float = 1.0,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def _images(self, root: str) -> list[SourceImage]:
+        images = find_images(resolve_path(root))
+        if self.hparams.class_list:
+            keep = read_class_list(self.hparams.class_list)
+            images = [im for im in images if im.wnid in keep]
+        return images
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        train = self._images(hp.root)
+        if hp.val_root is not None:
+            val = self._images(hp.val_root)
+        else:
+            train, val = holdout(train, hp.val_fraction)
+        wnids = sorted({im.wnid for im in train + val})
+        index = {w: i for i, w in enumerate(wnids)}
+        common = dict(class_index=index, image_size=hp.image_size, seed=hp.seed)
+        crops = dict(min_crop_frac=hp.min_crop_frac, max_crop_frac=hp.max_crop_frac)
+        self.train_set = FolderImages(train, train=True, **common, **crops)
+        self.val_set = FolderImages(val, train=False, **common) if val else None
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            self.train_set,
+            batch_size=hp.batch_size,
+            shuffle=True,
+            drop_last=hp.drop_last,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        hp = self.hparams
+        return DataLoader(
+            self.val_set,
+            batch_size=hp.val_batch_size or hp.batch_size,
+            shuffle=False,
+            num_workers=hp.num_workers,
+        )
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "image" in batch:
+            batch["image"] = to_model_range(batch["image"])
+        return batch

@@ -1,0 +1,1 @@
+"""Image tokenizer: LlamaGen's VQGAN under the ProVQ curriculum, data, losses and metrics."""
