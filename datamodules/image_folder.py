@@ -134,6 +134,8 @@ class ImageFolderDataModule(LightningDataModule):
         crops = dict(min_crop_frac=hp.min_crop_frac, max_crop_frac=hp.max_crop_frac)
         self.train_set = FolderImages(train, train=True, **common, **crops)
         self.val_set = FolderImages(val, train=False, **common) if val else None
+        # Every image once, centre-cropped, in file order: what provq-tokenize encodes.
+        self.predict_set = FolderImages(train + val, train=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
@@ -160,8 +162,14 @@ class ImageFolderDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
 
-    def predict_dataloader(self) -> DataLoader | list:
-        return self.val_dataloader()
+    def predict_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            self.predict_set,
+            batch_size=hp.val_batch_size or hp.batch_size,
+            shuffle=False,
+            num_workers=hp.num_workers,
+        )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "image" in batch:

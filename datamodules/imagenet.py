@@ -163,7 +163,7 @@ class ShardImageDataset(IterableDataset):
                         continue
                     yield image, sh.sample_label(sample), sample.key
             except sh.ShardReadError as exc:
-                skipped.append((piece.url, "<rest of shard>", str(exc.__cause__)))
+                skipped.append((piece.url, "<rest of shard>", str(exc)))
 
     def _shuffled(self, items: Iterator, rng: random.Random) -> Iterator:
         if self.shuffle_buffer <= 1:

@@ -243,7 +243,11 @@ def sample_label(sample: RawSample) -> int:
 
 
 def read_slice(piece: Slice, classes: frozenset[str] | None) -> Iterator[RawSample]:
-    """Selected samples ``[start, stop)`` of a shard (reads through the earlier ones)."""
+    """Selected samples ``[start, stop)`` of a shard (reads through the earlier ones).
+
+    A shard that ends before ``stop`` (cut short, or smaller than its index says) raises
+    ``ShardReadError`` after its last sample, so the loss is counted, not silent.
+    """
     position = 0
     for sample in iter_shard(piece.url):
         if classes is not None and sample_wnid(sample) not in classes:
@@ -253,6 +257,10 @@ def read_slice(piece: Slice, classes: frozenset[str] | None) -> Iterator[RawSamp
         if position >= piece.start:
             yield sample
         position += 1
+    if position < piece.stop:
+        raise ShardReadError(
+            piece.url, EOFError(f"ended after {position} samples, expected {piece.stop}")
+        )
 
 
 def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
