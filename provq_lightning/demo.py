@@ -91,6 +91,13 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
     return summary
 
 
+def improvement_text(variant: str, improvement: float | None) -> str:
+    """Triangle-MSE change against vanilla, as a signed percentage (negative = lower error)."""
+    if improvement is None:
+        return ""
+    return "baseline" if variant == "vanilla" else f"{-100 * improvement:+.1f}%"
+
+
 def markdown_table(summary: dict[str, dict[str, float]], seeds: list[int]) -> str:
     lines = [
         "| variant | MSE disk | MSE triangle | MSE all | utilization | triangle vs vanilla |",
@@ -102,7 +109,7 @@ def markdown_table(summary: dict[str, dict[str, float]], seeds: list[int]) -> st
             f"| {variant} | {row['val/mse_disk']:.4f} ± {row['val/mse_disk_std']:.4f} "
             f"| {row['val/mse_triangle']:.4f} ± {row['val/mse_triangle_std']:.4f} "
             f"| {row['val/mse']:.4f} | {row['val/utilization']:.2f} "
-            f"| {'' if imp is None else f'{-100 * imp:+.1f}%'} |"
+            f"| {improvement_text(variant, imp)} |"
         )
     lines.append(
         f"\nMean ± std over seeds {', '.join(map(str, seeds))}; hard-quantized validation."
@@ -182,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['val/mse_triangle']:.4f}",
             f"{row['val/mse']:.4f}",
             f"{row['val/utilization']:.2f}",
-            "" if imp is None else f"{-100 * imp:+.1f}%",
+            improvement_text(variant, imp),
         )
     console.print(table)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

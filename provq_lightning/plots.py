@@ -41,6 +41,7 @@ def embedding_figure(
     ax.scatter(codebook[:, 0], codebook[:, 1], marker="x", s=40, color="black", label="codes")
     ax.set_title(title)
     ax.set_aspect("equal", adjustable="datalim")
-    ax.legend(loc="upper right", fontsize=7)
+    # Below the axes: inside, it hides part of the embeddings whichever corner it takes.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=3, fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
