@@ -45,12 +45,17 @@ class MetricsJsonCallback(Callback):
         self.filename = filename
 
     def _write(self, trainer: Trainer) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.log_dir is None:
+        if trainer.sanity_checking:
+            return
+        # `trainer.log_dir` is a broadcast from rank 0 under DDP: every rank must ask for it,
+        # or rank 0 waits forever for the others.
+        log_dir = trainer.log_dir
+        if not trainer.is_global_zero or log_dir is None:
             return
         metrics = collect_metrics(trainer)
         if not metrics:
             return
-        path = Path(trainer.log_dir) / self.filename
+        path = Path(log_dir) / self.filename
         existing = {}
         if path.exists():
             try:

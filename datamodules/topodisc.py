@@ -11,6 +11,7 @@ import math
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 DISK, TRIANGLE = 0, 1
@@ -117,7 +118,19 @@ class TopoDiscDataModule(LightningDataModule):
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self._full(self.val_set), shuffle=False)
+        sampler = None
+        trainer = self.trainer
+        # Decided when the loader is built, i.e. once the process group exists. Every point is
+        # evaluated by exactly one rank: Lightning's default DistributedSampler pads an odd-sized
+        # set with repeats, which the rank-reduced metrics would count twice.
+        if trainer is not None and trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                self.val_set, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                shuffle=False,
+            )
+        return DataLoader(
+            self.val_set, batch_size=self._full(self.val_set), shuffle=False, sampler=sampler
+        )
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
