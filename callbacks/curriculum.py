@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from provq_lightning import distributed
@@ -107,6 +108,20 @@ class CurriculumCallback(Callback):
         if not isinstance(pl_module, VQTokenizer):
             raise TypeError(
                 f"CurriculumCallback drives a provq VQTokenizer; got {type(pl_module).__name__}"
+            )
+        strategy = trainer.strategy
+        if (
+            self.warmup_steps > 0
+            and isinstance(strategy, DDPStrategy)
+            and not strategy._ddp_kwargs.get("find_unused_parameters", False)
+            and not strategy._ddp_kwargs.get("static_graph", False)
+        ):
+            # The quantizer gets no gradient while it is bypassed; plain DDP would stop at the
+            # first warmup step with an opaque "expected to have finished reduction" error.
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} bypasses the quantizer, whose parameters then "
+                "get no gradient, which plain DDP does not allow; set "
+                "`trainer.strategy: ddp_find_unused_parameters_true` in the config"
             )
 
     def on_train_batch_start(

@@ -124,3 +124,25 @@ def test_too_small_reservoir_is_an_actionable_error():
     )
     with pytest.raises(RuntimeError, match="kmeans_collect_batches"):
         fit(cb, steps=6, num_codes=16)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "warmup_steps", "refused"),
+    [
+        ("ddp", 10, True),
+        ("ddp_find_unused_parameters_true", 10, False),
+        ("ddp", 0, False),  # no bypass, every parameter gets a gradient
+    ],
+)
+def test_warmup_under_plain_ddp_is_refused_with_the_fix(strategy, warmup_steps, refused):
+    callback = CurriculumCallback(
+        warmup_steps=warmup_steps, transition_steps=10, kmeans_init=warmup_steps > 0
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_progress_bar=False
+    )
+    if refused:
+        with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
+            callback.setup(trainer, TopoDiscTokenizer(num_codes=8), "fit")
+    else:
+        callback.setup(trainer, TopoDiscTokenizer(num_codes=8), "fit")
