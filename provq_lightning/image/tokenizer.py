@@ -288,7 +288,9 @@ class ImageTokenizer(VQTokenizer):
 
     def configure_optimizers(self):
         hp = self.hparams
-        if self.trainer is not None and "16-mixed" == str(self.trainer.precision):
+        # ``_trainer``: the public property raises when the module is used without a Trainer.
+        trainer = self._trainer
+        if trainer is not None and "16-mixed" == str(trainer.precision):
             raise ValueError("ImageTokenizer supports bf16-mixed and 32-true precision, not fp16")
         gen = [p for p in self._generator().parameters() if p.requires_grad]
         opt_g = torch.optim.AdamW(gen, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)

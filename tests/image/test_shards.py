@@ -115,15 +115,23 @@ def test_brace_patterns_and_pipe_urls(uneven_shards):
     assert len(next(iter(ds))["key"]) == 13
 
 
-def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, caplog):
+BAD_KEYS = ("n00000001_trunc", "n00000001_text", "n00000001_noimg")
+
+
+def write_bad_shard(folder):
+    """One 13-sample shard: 10 good JPEGs, a truncated JPEG, a non-image and no image member."""
     good = [sample(i) for i in range(10)]
-    truncated = ("n00000001_trunc", {"jpg": jpeg_bytes(99)[:300], "cls": b"1"})
-    not_image = ("n00000001_text", {"jpg": b"this is not a jpeg", "cls": b"1"})
-    no_image = ("n00000001_noimg", {"txt": b"caption only"})
-    write_tar(tmp_path / "bad.tar", good[:5] + [truncated, not_image, no_image] + good[5:])
+    truncated = (BAD_KEYS[0], {"jpg": jpeg_bytes(99)[:300], "cls": b"1"})
+    not_image = (BAD_KEYS[1], {"jpg": b"this is not a jpeg", "cls": b"1"})
+    no_image = (BAD_KEYS[2], {"txt": b"caption only"})
+    write_tar(folder / "bad.tar", good[:5] + [truncated, not_image, no_image] + good[5:])
     entries = [{"url": "bad.tar", "count": 13}]
-    (tmp_path / "index.json").write_text(json.dumps({"shards": entries}))
-    dm = ImageNetDataModule(str(tmp_path / "index.json"), image_size=16, batch_size=4,
+    (folder / "index.json").write_text(json.dumps({"shards": entries}))
+    return folder / "index.json"
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, caplog):
+    dm = ImageNetDataModule(str(write_bad_shard(tmp_path)), image_size=16, batch_size=4,
                             num_workers=0, shuffle_buffer=0)
     dm.setup("fit")
     with caplog.at_level(logging.WARNING, logger="provq.data"):
@@ -136,7 +144,34 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, caplog):
         assert key in text
     assert "bad.tar" in text and "no image member" in text
     seen = [k for b in batches for k in b["key"]]
-    assert not {"n00000001_trunc", "n00000001_text", "n00000001_noimg"} & set(seen)
+    assert not set(BAD_KEYS) & set(seen)
+
+
+def test_training_runs_through_a_corrupt_shard_and_logs_the_counts(tmp_path):
+    """A real fit over the bad shard (a worker process, two epochs): no crash, every step
+    runs, and the skipped/refilled counts reach the logger."""
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from provq_lightning.image.tokenizer import ImageTokenizer
+    from tests.image.conftest import TINY
+
+    L.seed_everything(0)
+    dm = ImageNetDataModule(str(write_bad_shard(tmp_path)), image_size=16, batch_size=4,
+                            num_workers=1, shuffle_buffer=4)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=CSVLogger(tmp_path, "log"),
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(ImageTokenizer(**{**TINY, "disc_start": 2}), dm)
+    assert trainer.global_step == 6  # 3 batches per epoch, corrupt samples or not
+    # Each epoch's quota of 12 holds all 3 bad samples (13 in the shard, one left over) or 2.
+    assert 5 <= dm.skipped_count <= 6 and dm.refilled_count == dm.skipped_count
+    rows = list(csv.DictReader((tmp_path / "log" / "version_0" / "metrics.csv").open()))
+    logged = [float(r["data/skipped_samples_rank0"]) for r in rows
+              if r.get("data/skipped_samples_rank0")]
+    assert logged and logged[-1] == dm.skipped_count
 
 
 def test_truncated_tar_ends_the_shard_without_crashing(tmp_path):

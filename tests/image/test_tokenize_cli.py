@@ -90,3 +90,16 @@ def test_missing_config_is_named(tmp_path):
     ckpt.write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         tokenize_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o")])
+
+
+def test_report_table_and_reconstruction_grid(trained_run, tmp_path, capsys):
+    from provq_lightning.image import report
+
+    grid = tmp_path / "grid.png"
+    report.main([f"ProVQ={trained_run}", f"again={trained_run}", "--grid", str(grid),
+                 "--images", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| run | steps | utilization") and "PSNR (dB)" in lines[0]
+    assert lines[2].startswith("| ProVQ | 3 |") and "wall time" in lines[0]
+    # A label margin plus 3 images of 32px, 2 px apart; original row + one row per run.
+    assert Image.open(grid).size == (report.LABEL_WIDTH + 3 * 34, 3 * 34)

@@ -1,0 +1,31 @@
+# Image tokenizer (issue 3). Included by the Makefile.
+IMAGE_DATA ?= ../shared/data/images/imagenet_sample
+IMAGE_RUNS ?= runs
+# Overrides go after --config (later arguments win). One torch thread per run: the sample
+# model is small and the CPU machine is shared.
+IMAGE_FIT_ARGS := --trainer.logger.init_args.save_dir $(IMAGE_RUNS) \
+	--trainer.logger.init_args.version sample --trainer.enable_progress_bar false
+
+.PHONY: image-shards image-sample image-test image-bench
+
+# Shards of the shared photos (what ImageNetDataModule and the loader benchmark read).
+image-shards: $(STAMP)
+	$(BIN)/provq-make-shards $(IMAGE_DATA) $(IMAGE_RUNS)/shards/imagenet_sample --shard-size 100
+
+# ProVQ then vanilla VQ on the shared photos (about 5 CPU minutes each), then the comparison
+# table and a reconstruction grid of held-out photos.
+image-sample: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/provq-fit --config experiments/imagenet_sample_64px.yaml \
+		$(IMAGE_FIT_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/provq-fit --config experiments/imagenet_sample_64px_vanilla.yaml \
+		$(IMAGE_FIT_ARGS)
+	$(BIN)/python -m provq_lightning.image.report \
+		ProVQ=$(IMAGE_RUNS)/imagenet_sample_64px_provq/sample \
+		vanilla=$(IMAGE_RUNS)/imagenet_sample_64px_vanilla/sample \
+		--grid $(IMAGE_RUNS)/imagenet_sample_grid.png
+
+image-test: $(STAMP)
+	$(BIN)/python -m pytest -q tests/image
+
+image-bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_image.py
