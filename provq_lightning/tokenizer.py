@@ -104,7 +104,19 @@ class VQTokenizer(LightningModule):
         if not self.codebook_usage.update_called:
             return
         self.log_dict(self.codebook_metrics(prefix), sync_dist=False)
+        self._log_usage_histogram(prefix)
         self.codebook_usage.reset()
+
+    def _log_usage_histogram(self, prefix: str) -> None:
+        # Uses per code: the shape shows dead and over-used codes at a glance in TensorBoard.
+        counts = self.codebook_usage.compute()["histogram"].float().cpu()
+        board = getattr(self.logger, "experiment", None)
+        if (
+            self.trainer.is_global_zero
+            and not self.trainer.sanity_checking
+            and hasattr(board, "add_histogram")
+        ):
+            board.add_histogram(f"{prefix}/code_usage", counts, self.global_step)
 
     def on_validation_epoch_start(self) -> None:
         self.codebook_usage.reset()

@@ -27,8 +27,8 @@ class TopoDiscTokenizer(VQTokenizer):
 
     Validation reports the hard-quantized reconstruction error per component
     (``val/mse_disk``, ``val/mse_triangle``) and overall (``val/mse``), plus the codebook
-    metrics, and every ``figure_every_n_epochs`` epochs a TensorBoard figure of the encoder
-    embeddings with the codebook on top.
+    metrics, and at validations on a multiple of ``figure_every_n_steps`` a TensorBoard figure of
+    the encoder embeddings with the codebook on top.
     """
 
     def __init__(
@@ -40,7 +40,7 @@ class TopoDiscTokenizer(VQTokenizer):
         beta: float = 0.25,
         codebook_init: str = "uniform",
         lr: float = 1e-3,
-        figure_every_n_epochs: int = 0,
+        figure_every_n_steps: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -109,12 +109,11 @@ class TopoDiscTokenizer(VQTokenizer):
         super().on_test_epoch_end()
 
     def _figure_due(self) -> bool:
-        every = self.hparams.figure_every_n_epochs
-        # Lightning validates after epoch e when (e + 1) % check_val_every_n_epoch == 0.
+        every = self.hparams.figure_every_n_steps
         return (
             every > 0
             and not self.trainer.sanity_checking
-            and (self.current_epoch + 1) % every == 0
+            and self.global_step % every == 0
             and self.logger is not None
             and hasattr(self.logger.experiment, "add_figure")
         )

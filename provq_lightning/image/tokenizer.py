@@ -353,12 +353,10 @@ class ImageTokenizer(VQTokenizer):
         self._swap_ema()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_histogram("val")
         super().on_validation_epoch_end()
         self._finish_eval("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_histogram("test")
         super().on_test_epoch_end()
         self._finish_eval("test")
 
@@ -381,15 +379,6 @@ class ImageTokenizer(VQTokenizer):
         pairs = torch.stack([batch["input"], batch["recon"]], dim=1).flatten(0, 1)
         grid = make_grid(to_unit_range(pairs), nrow=2, padding=2)
         board.add_image(f"{prefix}/input_vs_reconstruction", grid, self.global_step)
-
-    def _log_histogram(self, prefix: str) -> None:
-        board = self._tensorboard()
-        usage = self.codebook_usage
-        if board is None or not usage.update_called:
-            return
-        counts = usage.compute()["histogram"].float().cpu()
-        # Usage per code, sorted: the shape shows dead codes and over-used ones at a glance.
-        board.add_histogram(f"{prefix}/code_usage", counts, self.global_step)
 
     # -- tokenize / decode hooks (provq-tokenize, provq-decode) ---------------------------
     @torch.no_grad()

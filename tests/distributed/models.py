@@ -18,8 +18,8 @@ class EagerMetricsTopoDisc(TopoDiscTokenizer):
     hide such a decision; building it here exposes it.
     """
 
-    def __init__(self, num_codes: int = 32, lr: float = 1e-3, figure_every_n_epochs: int = 0):
-        super().__init__(num_codes=num_codes, lr=lr, figure_every_n_epochs=figure_every_n_epochs)
+    def __init__(self, num_codes: int = 32, lr: float = 1e-3, figure_every_n_steps: int = 0):
+        super().__init__(num_codes=num_codes, lr=lr, figure_every_n_steps=figure_every_n_steps)
         self.built_without_process_group = not (dist.is_available() and dist.is_initialized())
         self.codebook_usage  # noqa: B018  (the property builds the metric)
 

@@ -39,7 +39,7 @@ def write_config(tmp: Path, version: str, records: bool) -> Path:
     trainer = config["trainer"]
     trainer.update(
         max_steps=STEPS,
-        check_val_every_n_epoch=2,  # 5 steps per epoch and rank: validation every 10 steps
+        val_check_interval=10,
         log_every_n_steps=5,
         enable_progress_bar=False,
         enable_model_summary=False,
