@@ -199,6 +199,10 @@ class ProteinStructureDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         cache = self.cache_dir
+        # Outside a Trainer (provq-tokenize, scripts) nobody calls prepare_data; build or check
+        # the cache here. Under a Trainer, prepare_data already ran once (rank 0).
+        if self.trainer is None:
+            self.prepare_data()
         self.train_set = CachedStructures(cache, "train", self.crop_length, random_crop=True)
         self.val_set = CachedStructures(cache, "val", self.crop_length, random_crop=False)
         if len(self.train_set) == 0 and stage in (None, "fit"):

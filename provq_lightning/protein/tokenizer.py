@@ -165,11 +165,10 @@ class ProteinTokenizer(VQTokenizer):
         self.rmsd[prefix].update(out.backbone.float(), true, mask)
         self.lddt[prefix].update(out.backbone.float(), true, mask)
         self.update_codebook_metrics(q.indices, mask)
-        b = int(mask.any(-1).sum())
-        self.log(f"{prefix}/recon", recon, batch_size=max(b, 1))
-        self.log(f"{prefix}/vq", q.loss, batch_size=max(b, 1))
-        for k, v in losses.items():
-            self.log(f"{prefix}/{k}", v, batch_size=max(b, 1))
+        b = max(int(mask.any(-1).sum()), 1)
+        values = {"recon": recon, "vq": q.loss, **losses}
+        for k, v in values.items():
+            self.log(f"{prefix}/{k}", v, batch_size=b, sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")
