@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -242,24 +241,22 @@ def test_array_task_runs_its_own_arguments_in_its_own_directory(fake_task):
     assert status == {"exit_code": 0, "job": "77_7", "restarts": 0}
 
 
-def test_restart_resumes_from_the_newest_checkpoint_and_finished_tasks_are_skipped(fake_task):
+def test_restart_resumes_from_last_checkpoint_and_finished_tasks_are_skipped(fake_task):
     run, out, sweep = fake_task
     run_dir = out / sweep.tasks[3].name
     rc, _, _ = run(3, exit_code=137)  # killed: the failure is recorded
     assert json.loads((run_dir / "exit_status.json").read_text())["exit_code"] == 137 == rc
+    hpc = run_dir / "hpc_ckpt_1.ckpt"  # as Lightning writes it on SIGUSR1
+    hpc.write_bytes(b"")
+    _, args, log = run(3, restart=1)  # no last.ckpt yet: from scratch, hpc removed
+    assert "--ckpt_path" not in args and not hpc.exists(), log
+    (run_dir / "exit_status.json").unlink()
     last = run_dir / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
-    hpc = run_dir / "hpc_ckpt_1.ckpt"
-    hpc.write_bytes(b"")
     last.write_bytes(b"")
-    os.utime(hpc, (time.time() - 60, time.time() - 60))  # last.ckpt is newer
-    _, args, log = run(3, restart=1)
-    assert args[args.index("--ckpt_path") + 1] == str(last), log
-    (run_dir / "exit_status.json").unlink()
-    os.utime(hpc, None)  # now the hpc checkpoint (written on SIGUSR1) is the newest
-    os.utime(last, (time.time() - 60, time.time() - 60))
+    hpc.write_bytes(b"")  # newer than last.ckpt, and still not used
     rc, args, log = run(3, restart=2)
-    assert rc == 0 and args[args.index("--ckpt_path") + 1] == str(hpc)
+    assert rc == 0 and args[args.index("--ckpt_path") + 1] == str(last) and not hpc.exists()
     rc, args, log = run(3)  # finished: a resubmitted sweep does not run it again
     assert rc == 0 and args == [] and "already finished" in log
     assert run(99)[0] == 2
