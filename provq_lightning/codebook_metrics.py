@@ -10,6 +10,15 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+# (metric key, column title, format) of the codebook metrics in every results table.
+CODEBOOK_REPORT_COLUMNS = (
+    ("val/utilization", "utilization", "{:.1%}"),
+    ("val/normalized_perplexity", "norm. perplexity", "{:.3f}"),
+    ("val/perplexity", "perplexity", "{:.1f}"),
+    ("val/dead_codes", "dead codes", "{:.0f}"),
+    ("val/codebook_distance_used", "mean dist. used codes", "{:.3f}"),
+)
+
 
 def usage_statistics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     """Utilisation, perplexity exp(H) (natural log), exp(H)/K and dead codes of a histogram."""

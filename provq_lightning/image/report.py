@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from provq_lightning.codebook_metrics import CODEBOOK_REPORT_COLUMNS
+
 COLUMNS = (
-    ("val/utilization", "utilization", "{:.1%}"),
-    ("val/normalized_perplexity", "norm. perplexity", "{:.3f}"),
-    ("val/perplexity", "perplexity", "{:.1f}"),
-    ("val/dead_codes", "dead codes", "{:.0f}"),
-    ("val/codebook_distance_used", "mean dist. used codes", "{:.3f}"),
+    *CODEBOOK_REPORT_COLUMNS,
     ("val/psnr", "PSNR (dB)", "{:.2f}"),
     ("val/ssim", "SSIM", "{:.3f}"),
     ("val/lpips", "LPIPS", "{:.3f}"),

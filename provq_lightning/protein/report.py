@@ -12,12 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+from provq_lightning.codebook_metrics import CODEBOOK_REPORT_COLUMNS
+
 COLUMNS = (
-    ("val/utilization", "utilization", "{:.1%}"),
-    ("val/normalized_perplexity", "norm. perplexity", "{:.3f}"),
-    ("val/perplexity", "perplexity", "{:.1f}"),
-    ("val/dead_codes", "dead codes", "{:.0f}"),
-    ("val/codebook_distance_used", "mean dist. used codes", "{:.3f}"),
+    *CODEBOOK_REPORT_COLUMNS,
     ("val/rmsd", "backbone RMSD (A)", "{:.2f}"),
     ("val/lddt", "CA lDDT", "{:.3f}"),
     ("cpu_min", "CPU time (min)", "{:.1f}"),
