@@ -41,6 +41,21 @@ SCALARS = {
 }
 
 
+def fit_config(config: dict, tmp: Path) -> None:
+    """Write ``config`` into ``tmp`` and run ``provq-fit`` on it, failing with its stderr."""
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run(
+        [sys.executable, "-m", "provq_lightning.cli", "fit", "--config", str(path)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tb")
@@ -59,17 +74,7 @@ def run_dir(tmp_path_factory) -> Path:
     )
     config["model"]["init_args"].update(num_codes=16, figure_every_n_steps=30)
     config["data"]["init_args"].update(steps_per_epoch=10)
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = subprocess.run(
-        [sys.executable, "-m", "provq_lightning.cli", "fit", "--config", str(path)],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fit_config(config, tmp)
     return tmp / "topodisc" / "run"
 
 
@@ -188,17 +193,7 @@ def image_events(tmp_path_factory):
     config["data"]["init_args"].update(
         root=str(tmp / "photos"), image_size=32, batch_size=4, num_workers=0, val_fraction=0.2
     )
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = subprocess.run(
-        [sys.executable, "-m", "provq_lightning.cli", "fit", "--config", str(path)],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fit_config(config, tmp)
     acc = EventAccumulator(
         str(tmp / "img" / "run"), size_guidance={"scalars": 0, "images": 0, "histograms": 0}
     )
