@@ -10,11 +10,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.metrics_json import MetricsJsonCallback
+from provq_lightning.errors import ProvqError
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -24,6 +25,17 @@ TRAINER_DEFAULTS = {
         "init_args": {"save_dir": "runs", "name": "provq"},
     },
 }
+
+
+def provq_callbacks(config: dict[str, Any]) -> list[Callback]:
+    """Callbacks provq adds to every run (``config`` is the trainer's init config)."""
+    return [MetricsJsonCallback()]
+
+
+def provq_plugins(config: dict[str, Any], configured: list[Any]) -> list[Any]:
+    """Trainer plugins provq adds to every run; ``configured`` are the config's own plugins,
+    and a provq plugin is left out when the config brings one of its kind."""
+    return []
 
 
 class ProvqCLI(LightningCLI):
@@ -47,9 +59,14 @@ class ProvqCLI(LightningCLI):
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
-        # Always write metrics.json; default to a rich progress bar unless the config brings
+        # provq's own callbacks (metrics.json, ...); a rich progress bar unless the config brings
         # its own bar or turns bars off (Lightning would add a tqdm one otherwise).
-        extra.append(MetricsJsonCallback())
+        extra.extend(provq_callbacks(config))
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        plugins.extend(provq_plugins(config, list(plugins)))
+        if plugins:
+            config["plugins"] = plugins
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in configured):
             extra.append(RichProgressBar())
@@ -66,7 +83,12 @@ def normalize_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
     sys.argv = [sys.argv[0], *argv]
-    ProvqCLI()
+    try:
+        ProvqCLI()
+    except ProvqError as err:
+        # A fault the user can fix: one line, not a traceback.
+        print(f"provq-fit: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":
