@@ -13,7 +13,25 @@ from dataclasses import dataclass
 
 import torch
 
+from provq_lightning.errors import ProvqError
 from provq_lightning.search import DEFAULT_MAX_CHUNK_BYTES, exact_fp32_matmul, nearest_code
+
+
+class NonFiniteInputError(ProvqError, ValueError):
+    """k-means was given NaN/inf vectors: centres seeded from them would poison the codebook."""
+
+
+def check_finite_rows(x: torch.Tensor) -> None:
+    """Raise ``NonFiniteInputError`` naming how many rows of ``x`` (N x D) hold NaN/inf."""
+    bad = ~torch.isfinite(x).all(dim=1)
+    count = int(bad.sum())
+    if count:
+        first = int(bad.nonzero()[0, 0])
+        raise NonFiniteInputError(
+            f"k-means input has {count} non-finite rows of {x.shape[0]} (first: row {first}); "
+            "the encoder outputs went NaN/inf: lower the learning rate or check the data, "
+            "then restart from a checkpoint written before the divergence"
+        )
 
 
 @dataclass
@@ -105,7 +123,7 @@ def kmeans(
 
     Stops after ``iters`` iterations or when the relative inertia change falls below ``tol``.
     ``progress(iteration, inertia)`` is called after each iteration; ``init`` replaces the
-    k-means++ starting centres.
+    k-means++ starting centres. Raises ``NonFiniteInputError`` when a row holds NaN/inf.
     """
     if x.dim() != 2:
         raise ValueError(f"kmeans expects an (N, D) tensor, got shape {tuple(x.shape)}")
@@ -116,6 +134,7 @@ def kmeans(
             "collect more (raise kmeans_samples or the number of collection batches)"
         )
     x = x.float()
+    check_finite_rows(x)  # one pass; NaN would otherwise win every k-means++ draw silently
     gen_device = x.device if x.device.type != "mps" else torch.device("cpu")
     generator = torch.Generator(device=gen_device).manual_seed(seed)
     if init is not None:

@@ -64,7 +64,12 @@ def task_row(out: Path, index: int, name: str, levels: dict[str, Any]) -> Row:
     exit_status = _read_json(run_dir / STATUS_FILE)
     step = int(metrics.get("global_step", 0)) if metrics else None
     max_steps = _max_steps(run_dir)
-    values = {k: float(v) for k, v in (metrics or {}).items() if k != "global_step"}
+    # Numbers only: metrics.json also holds `status`, `error` and `nonfinite` (strings, a list).
+    values = {
+        k: float(v)
+        for k, v in (metrics or {}).items()
+        if k != "global_step" and isinstance(v, (int, float))
+    }
     row = Row(index, name, levels, MISSING, step=step, metrics=values)
     finished = metrics is not None and (max_steps is None or (step or 0) >= max_steps)
     of_steps = f"step {step if step is not None else '-'} of {max_steps or '?'}"
