@@ -10,7 +10,8 @@ IMAGE_FIT_ARGS := --trainer.logger.init_args.save_dir $(IMAGE_RUNS) \
 
 # Shards of the shared photos (what ImageNetDataModule and the loader benchmark read).
 image-shards: $(STAMP)
-	$(BIN)/provq-make-shards $(IMAGE_DATA) $(IMAGE_RUNS)/shards/imagenet_sample --shard-size 100
+	$(BIN)/provq-make-shards $(IMAGE_DATA) $(IMAGE_RUNS)/shards/imagenet_sample --shard-size 100 \
+		--overwrite
 
 # ProVQ then vanilla VQ on the shared photos (about 5 CPU minutes each), then the comparison
 # table and a reconstruction grid of held-out photos.

@@ -14,6 +14,9 @@ Output formats (``--format``), each with ``meta.json`` (format, number of codes,
 
     provq-tokenize --ckpt runs/x/v/checkpoints/last.ckpt --out runs/x/v/tokens --format npy
     provq-decode --ckpt runs/x/v/checkpoints/last.ckpt --tokens runs/x/v/tokens --out recon/
+
+A broken checkpoint, a code map that does not match ``meta.json`` or a decode that decodes
+nothing is one ``<prog>: error:`` line naming the file and record, and exit status 1.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import argparse
 import io
 import json
 import re
+import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,10 @@ import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 from rich.progress import Progress
 
-FORMATS = ("npy", "wds", "fasta")
+from provq_lightning.checkpoint_check import check_checkpoint_file, load_checkpoint
+from provq_lightning.errors import ProvqError
+from provq_lightning.token_reader import FORMATS, RETOKENIZE, read_codes, read_meta
+
 SPLITS = ("predict", "val", "test", "train")
 
 
@@ -63,9 +70,10 @@ def load_run(
     ckpt: Path, config: Path | None, data_config: Path | None, device: str
 ) -> tuple[LightningModule, dict[str, Any]]:
     """The model with the checkpoint's weights (eval mode) and the run's config."""
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} not found")
-    config_path = config or find_config(ckpt)
+    # A missing checkpoint is named before its missing config.yaml; a broken one after it.
+    config_path = config or (find_config(ckpt) if ckpt.is_file() else None)
+    check_checkpoint_file(ckpt)
+    config_path = config_path or find_config(ckpt)
     cfg = yaml.safe_load(config_path.read_text())
     if data_config is not None:
         cfg["data"] = yaml.safe_load(data_config.read_text())["data"]
@@ -73,8 +81,17 @@ def load_run(
     for hook in ("tokenize_batch", "decode_tokens_to_file"):
         if not callable(getattr(model, hook, None)):
             raise TypeError(f"{type(model).__name__} does not implement {hook}()")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict(state, strict=True)
+    state = load_checkpoint(ckpt)["state_dict"]  # outside the try: its errors name the file
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        # torch lists every mismatching weight over many lines; the first one is enough here.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else "RuntimeError"
+        raise ProvqError(
+            f"checkpoint {ckpt} does not fit the model of {config_path} ({detail[:160]}); pass "
+            "--config with the config.yaml of the run that wrote this checkpoint"
+        ) from None
     return model.to(device).eval(), cfg
 
 
@@ -157,37 +174,6 @@ class CodeWriter:
         (self.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-# -- readers ------------------------------------------------------------------------------
-def read_codes(tokens: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, codes) pairs from a folder written by ``provq-tokenize`` (any format)."""
-    meta_path = tokens / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: is {tokens} a provq-tokenize output?")
-    meta = json.loads(meta_path.read_text())
-    shape = meta.get("code_shape")
-    if meta["format"] == "npy":
-        for line in (tokens / "index.jsonl").read_text().splitlines():
-            entry = json.loads(line)
-            yield entry["key"], torch.from_numpy(np.load(tokens / entry["file"]).astype(np.int64))
-    elif meta["format"] == "fasta":
-        key = None
-        for line in (tokens / "codes.fasta").read_text().splitlines():
-            if line.startswith(">"):
-                key = line[1:].strip()
-            elif key is not None:
-                ids = torch.tensor([int(t) for t in line.split()], dtype=torch.long)
-                yield key, ids.reshape(shape) if shape and ids.numel() == np.prod(shape) else ids
-                key = None
-    else:
-        index = json.loads((tokens / "index.json").read_text())
-        for shard in index["shards"]:
-            with tarfile.open(tokens / shard["url"]) as tar:
-                for info in tar:
-                    data = tar.extractfile(info).read()
-                    array = np.load(io.BytesIO(data), allow_pickle=False)
-                    yield info.name.rsplit(".", 1)[0], torch.from_numpy(array.astype(np.int64))
-
-
 # -- entry points ---------------------------------------------------------------------------
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint of the tokenizer")
@@ -198,7 +184,26 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="stop after this many items")
 
 
+def report_errors(prog: str, body: Callable[[list[str] | None], None],
+                  argv: list[str] | None) -> None:
+    """Run an entry point's ``body``; a ``ProvqError`` becomes ``<prog>: error: <message>``
+    on stderr and a non-zero exit instead of a traceback."""
+    try:
+        body(argv)
+    except ProvqError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
 def tokenize_main(argv: list[str] | None = None) -> None:
+    report_errors("provq-tokenize", _tokenize, argv)
+
+
+def decode_main(argv: list[str] | None = None) -> None:
+    report_errors("provq-decode", _decode, argv)
+
+
+def _tokenize(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="provq-tokenize", description=__doc__.split("\n")[0])
     _common(parser)
     parser.add_argument("--format", choices=FORMATS, default="npy")
@@ -228,26 +233,47 @@ def tokenize_main(argv: list[str] | None = None) -> None:
     print(f"wrote codes of {writer.count} items to {args.out} ({args.format})")
 
 
-def decode_main(argv: list[str] | None = None) -> None:
+def _decode(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="provq-decode", description="codes -> reconstructions")
     _common(parser)
     parser.add_argument("--tokens", type=Path, required=True, help="a provq-tokenize output")
     parser.add_argument("--keys", nargs="*", help="only these items")
     args = parser.parse_args(argv)
+    meta = read_meta(args.tokens)  # a broken meta.json is named before the model loads
     model, _ = load_run(args.ckpt, args.config, None, args.device)
+    num_codes = model.quantizer.num_codes
+    if meta.num_codes is not None and meta.num_codes != num_codes:
+        raise ProvqError(
+            f"{meta.path}: the tokens use a codebook of {meta.num_codes} codes but {args.ckpt} "
+            f"has {num_codes}; decode with the checkpoint that wrote the tokens"
+        )
     wanted = set(args.keys) if args.keys else None
-    written = 0
+    found: set[str] = set()
+    limited = False
     with Progress() as progress, torch.inference_mode():
         task = progress.add_task("decoding", total=args.limit)
-        for key, codes in read_codes(args.tokens):
+        for number, (key, codes) in enumerate(read_codes(args.tokens, num_codes), 1):
             if wanted is not None and key not in wanted:
                 continue
-            model.decode_tokens_to_file(key, codes, args.out)
-            written += 1
+            try:
+                model.decode_tokens_to_file(key, codes, args.out)
+            except ValueError as err:  # the model's own check of the codes
+                raise ProvqError(f"{args.tokens}: record {number} {key!r} cannot be decoded "
+                                 f"({str(err).splitlines()[0]}); {RETOKENIZE}") from None
+            found.add(key)
             progress.advance(task)
-            if args.limit is not None and written >= args.limit:
+            if args.limit is not None and len(found) >= args.limit:
+                limited = True
                 break
-    print(f"decoded {written} items to {args.out}")
+    if not found:
+        what = (f"none of --keys {sorted(wanted)[:5]} is a record of {args.tokens}; check "
+                "the keys" if wanted else f"{args.tokens} holds no records; {RETOKENIZE}")
+        raise ProvqError(f"nothing decoded: {what}")
+    if wanted is not None and not limited and wanted - found:
+        missing = sorted(wanted - found)
+        print(f"provq-decode: warning: {len(missing)} of --keys not in {args.tokens}: "
+              f"{missing[:5]}", file=sys.stderr)
+    print(f"decoded {len(found)} items to {args.out}")
 
 
 if __name__ == "__main__":

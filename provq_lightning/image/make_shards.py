@@ -3,7 +3,9 @@
 Accepted layouts: ImageNet's ``<root>/<wnid>/*.JPEG`` (pass ``.../train`` or ``.../val`` with
 class folders) or a flat folder of ``<wnid>_<anything>.JPEG``. The original file bytes are
 stored unchanged (no re-encoding), the sample order is shuffled with a seed, and each sample
-holds ``<key>.<ext>``, ``<key>.cls`` (class index) and ``<key>.wnid``.
+holds ``<key>.<ext>``, ``<key>.cls`` (class index) and ``<key>.wnid``. A non-empty output folder
+is refused unless ``--overwrite``, which first removes the shards and index it finds there
+(shards of an earlier, larger run would otherwise stay on disk next to the new index).
 
     provq-make-shards ../shared/data/images/imagenet_sample runs/shards/sample --shard-size 100
 """
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
 import re
+import sys
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from provq_lightning.errors import ProvqError
 from provq_lightning.image.shards import INDEX_NAME, ShardInfo, write_index
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".webp", ".bmp", ".ppm"}
@@ -43,7 +48,7 @@ def sample_key(wnid: str, stem: str) -> str:
 def find_images(root: Path) -> list[SourceImage]:
     """Images of an ImageNet-layout folder (class subfolders) or a flat ``<wnid>_*`` folder."""
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise ProvqError(f"image folder {root} does not exist; give the folder of the images")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     images: list[SourceImage] = []
     if class_dirs:
@@ -64,16 +69,58 @@ def find_images(root: Path) -> list[SourceImage]:
                 )
             images.append(SourceImage(path, match.group(1), sample_key(match.group(1), path.stem)))
     if not images:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+        raise ProvqError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}; "
+                         "give a folder of class subfolders or of <wnid>_*.JPEG files")
     keys = Counter(im.key for im in images)
     dupes = [k for k, n in keys.items() if n > 1]
     if dupes:
-        raise ValueError(f"duplicate sample keys after sanitising names: {dupes[:5]}")
+        raise ProvqError(f"duplicate sample keys under {root} after sanitising names: "
+                         f"{dupes[:5]}; rename those files")
     return images
 
 
 def read_wnids(path: Path) -> list[str]:
     return [w for w in (line.split("#")[0].strip() for line in path.read_text().splitlines()) if w]
+
+
+def shard_files(out_dir: Path, prefix: str) -> list[Path]:
+    """What an earlier ``provq-make-shards`` left in ``out_dir``: ``index.json``, the shards it
+    lists, and ``<prefix>-NNNNNN.tar`` (plus ``.tmp`` leftovers of a killed run)."""
+    own = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?$")
+    found = {p for p in out_dir.iterdir() if p.is_file() and own.match(p.name)}
+    index = out_dir / INDEX_NAME
+    if index.is_file():
+        found.add(index)
+        try:
+            listed = [str(entry["url"]) for entry in json.loads(index.read_text())["shards"]]
+        except (ValueError, KeyError, TypeError):
+            listed = []  # an unreadable index lists nothing; the prefix pattern still applies
+        for url in listed:
+            path = out_dir / url
+            # Only plain files directly in out_dir: an index must not make us delete elsewhere.
+            if path.parent == out_dir and path.is_file():
+                found.add(path)
+    return sorted(found)
+
+
+def prepare_out_dir(out_dir: Path, prefix: str, overwrite: bool) -> list[Path]:
+    """Refuse a non-empty ``out_dir`` unless ``overwrite``; then remove its old shards and
+    index (other files stay). Returns the removed files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ProvqError(f"output folder {out_dir} is a file; give a folder for the shards")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return []
+    stale = shard_files(out_dir, prefix)
+    if not overwrite:
+        others = sum(1 for _ in out_dir.iterdir()) - len(stale)
+        raise ProvqError(
+            f"output folder {out_dir} is not empty ({len(stale)} shard/index files, {others} "
+            f"other entries); pass --overwrite to replace its shards and {INDEX_NAME}, or "
+            "choose an empty folder"
+        )
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -130,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty out_dir, removing its old shards and index")
     parser.add_argument("--classes", type=Path, help="only these wnids (one per line)")
     parser.add_argument(
         "--class-index",
@@ -141,13 +190,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    try:
+        run(parse_args(argv))
+    except ProvqError as err:
+        # A fault the user can fix: one line, not a traceback.
+        print(f"provq-make-shards: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+def run(args: argparse.Namespace) -> None:
     images = find_images(args.source)
     if args.classes is not None:
         keep = set(read_wnids(args.classes))
         images = [im for im in images if im.wnid in keep]
         if not images:
-            raise SystemExit(f"no images of the classes in {args.classes} under {args.source}")
+            raise ProvqError(f"no images of the classes in {args.classes} under {args.source}; "
+                             "check its wnids")
+    # After the sources are listed, so nothing is removed when they are wrong.
+    removed = prepare_out_dir(args.out_dir, args.prefix, args.overwrite)
+    if removed:
+        print(f"removed {len(removed)} old shard/index files from {args.out_dir}/")
     class_index = None
     if args.class_index is not None:
         class_index = {w: i for i, w in enumerate(read_wnids(args.class_index))}

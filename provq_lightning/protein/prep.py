@@ -3,7 +3,9 @@
     provq-prep-structures ../shared/data/proteins --cache-dir runs/cache/proteins
 
 prints one line per skipped file (path and reason) and a summary of the counts; the cache is
-what ``datamodules.proteins.ProteinStructureDataModule`` reads.
+what ``datamodules.proteins.ProteinStructureDataModule`` reads. A source that does not exist or
+holds no structure file, or an option that selects nothing, is one ``<prog>: error:`` line and
+exit status 1.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from provq_lightning.errors import ProvqError
 from provq_lightning.protein.cache import CacheSettings, prepare_cache
 from provq_lightning.protein.parsing import ALTLOC_POLICIES, ParseOptions
 from provq_lightning.protein.paths import resolve_data_path
@@ -27,7 +30,8 @@ def read_chain_list(value: str | None) -> tuple[str, ...] | None:
     items = path.read_text().split() if path.is_file() else value.split(",")
     items = [i.strip() for i in items if i.strip()]
     if not items:
-        raise ValueError(f"--chains {value!r} selects nothing")
+        raise ProvqError(f"--chains {value!r} selects nothing; give a comma list of chain ids "
+                         "(e.g. 1aki_A,3o5r) or a file listing them")
     return tuple(items)
 
 
@@ -53,7 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        return run(parser.parse_args(argv))
+    except (ProvqError, FileNotFoundError) as err:
+        # The cache names a missing source or a folder without structures in one line already.
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 1)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.val_fraction < 1:
+        raise ProvqError(f"--val-fraction {args.val_fraction} must lie in [0, 1)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     settings = CacheSettings(
         options=ParseOptions(args.altloc, args.min_length, args.max_length),
