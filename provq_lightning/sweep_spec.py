@@ -40,7 +40,7 @@ class SlurmSpec:
     gpus_per_node: int = 0
     cpus_per_task: int = 1
     mem: str | None = None
-    # Lightning's SLURMEnvironment saves an hpc checkpoint and requeues on SIGUSR1.
+    # On SIGUSR1 provq saves last.ckpt at the next step boundary and requeues the task.
     signal: str = "SIGUSR1@90"
     max_parallel: int | None = None
     extra: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. --constraint=a100

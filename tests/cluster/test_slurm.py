@@ -3,7 +3,14 @@
 The TopoDisc smoke sweep runs as one 10-task array and the report lists every task; a task
 requeued with ``scontrol requeue`` (SIGTERM, no warning) resumes from its periodic checkpoint
 and finishes with exactly the metrics of the same task uninterrupted in the sweep; so does one
-signalled with SIGUSR1 (Lightning requeues it; the restart ignores its mid-step hpc checkpoint).
+signalled with SIGUSR1, SLURM's time-limit warning, whose periodic checkpoint is only due after
+the run: provq saves last.ckpt at the end of the step in flight and requeues the task, which
+redoes no step.
+
+The SIGUSR1 comes from ``scancel --signal=USR1``, the path (slurmctld -> slurmd -> the job
+step's tasks) the ``--signal=USR1@N`` warning takes, rather than from a real time limit: SLURM
+limits are whole minutes and slurmctld checks them every 30 s, so each real preemption would
+cost a minute or two, at a moment known only to within 30 s.
 Skips (with the reason) where SLURM is not installed or cannot start; PROVQ_REQUIRE_SLURM=1
 turns those skips into failures.
 """
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -168,6 +176,10 @@ def interrupted_sweep_file(tmp: Path) -> Path:
     task.update({k: 0 if v == "{seed}" else v for k, v in smoke["overrides"].items()})
     task["trainer.log_every_n_steps"] = 10  # logging only: the trajectory is the same
     signalled = yaml.safe_load(yaml.safe_dump(task))
+    # No periodic checkpoint before the end: resuming must not depend on one. Every step
+    # logged, to see which steps each start of the task ran.
+    signalled["trainer.callbacks"][1]["init_args"]["every_n_train_steps"] = 1000
+    signalled["trainer.log_every_n_steps"] = 1
     sweep = {
         "name": "interrupted",
         "tasks": [{"name": "requeued", **task}, {"name": "signalled", **signalled}],
@@ -180,7 +192,8 @@ def interrupted_sweep_file(tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def interrupted_sweep(slurm_env, smoke_sweep, tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """Task 0 is requeued right after its first checkpoint (step 50), then task 1 gets SIGUSR1."""
+    """Task 0 is requeued right after its first checkpoint (step 50), then task 1 gets SIGUSR1
+    after its first validation (step 100)."""
     tmp = tmp_path_factory.mktemp("interrupted")
     out = tmp / "out"
     submitted = provq_sweep(
@@ -193,10 +206,10 @@ def interrupted_sweep(slurm_env, smoke_sweep, tmp_path_factory) -> tuple[Path, d
         ["scontrol", "requeue", f"{job}_0"], env=slurm_env, capture_output=True, text=True
     )
     assert requeue.returncode == 0, requeue.stderr
-    # SIGUSR1 before Lightning installs its handler would just kill the task: wait for it,
-    # and for the first periodic checkpoint, which the restart resumes from.
-    wait_for_text(out / "slurm" / f"{job}_1.out", "Setting signal handlers")
-    wait_for_file(out / "signalled" / "checkpoints" / "last.ckpt")
+    # SIGUSR1 before provq installs its handler would just kill the task: wait for it, and
+    # for the first validation, so the signal comes mid-run.
+    wait_for_text(out / "slurm" / f"{job}_1.out", "[provq] preemption: on SIGUSR1")
+    wait_for_file(out / "signalled" / "metrics.json")
     signal = subprocess.run(
         ["scancel", "--signal=USR1", f"{job}_1"], env=slurm_env, capture_output=True, text=True
     )
@@ -206,21 +219,24 @@ def interrupted_sweep(slurm_env, smoke_sweep, tmp_path_factory) -> tuple[Path, d
     return out, logs
 
 
-def first_steps_of_each_file(run_dir: Path) -> list[int]:
-    """Smallest training step in each TensorBoard event file, oldest file first.
+def steps_of_each_file(run_dir: Path) -> list[list[int]]:
+    """The logged training steps of each TensorBoard event file, oldest file first.
 
-    Each start of the task opens a new file; so does a process that goes on logging after
-    Lightning's SIGUSR1 handler closed its logger.
+    Each start of the task opens a new file.
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    firsts = []
+    steps = []
     for events in sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         if "curriculum/alpha" in acc.Tags()["scalars"]:  # files that saw no training log: skip
-            firsts.append(min(e.step for e in acc.Scalars("curriculum/alpha")))
-    return firsts
+            steps.append(sorted(e.step for e in acc.Scalars("curriculum/alpha")))
+    return steps
+
+
+def first_steps_of_each_file(run_dir: Path) -> list[int]:
+    return [steps[0] for steps in steps_of_each_file(run_dir)]
 
 
 def assert_same_metrics(got: Path, want: Path) -> None:
@@ -247,14 +263,27 @@ def test_scontrol_requeue_resumes_from_last_checkpoint(interrupted_sweep, smoke_
     assert_same_metrics(out / "requeued", smoke_sweep / "provq-seed0")
 
 
-def test_sigusr1_requeues_and_resumes_from_last_checkpoint(interrupted_sweep, smoke_sweep):
+def test_sigusr1_saves_at_step_boundary_requeues_and_redoes_nothing(
+    interrupted_sweep, smoke_sweep
+):
     out, logs = interrupted_sweep
     log = logs["1"]
-    assert "Handling auto-requeue signal" in log and "Requeued SLURM job" in log, log[-3000:]
-    last = out / "signalled" / "checkpoints" / "last.ckpt"
-    assert "restart 1, resume from: " in log
+    run_dir = out / "signalled"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = re.findall(rf"\[provq\] preemption: saved {re.escape(str(last))} at step (\d+)", log)
+    assert len(saved) == 1, log[-3000:]
+    step = int(saved[0])
+    assert 100 <= step < 300
+    job = json.loads((run_dir / "exit_status.json").read_text())["job"]
+    assert f"requeued SLURM job {job}" in log, log[-3000:]
+    assert f"restart 1, resume from: {last}" in log
     assert f"Restoring states from the checkpoint path at {last}" in log
     assert log.count("Restoring states") == 1
-    assert not list((out / "signalled").glob("hpc_ckpt_*.ckpt"))  # removed on restart
-    assert json.loads((out / "signalled" / "exit_status.json").read_text())["exit_code"] == 0
-    assert_same_metrics(out / "signalled", smoke_sweep / "provq-seed0")
+    # Lightning's own handler (a mid-step hpc checkpoint) never ran.
+    assert "Handling auto-requeue signal" not in log
+    assert not list(run_dir.rglob("hpc_ckpt_*")) and not list(run_dir.rglob("last-v*"))
+    # The first start ran steps 0 .. step-1, the second step .. 299: none redone, none lost.
+    first, second = steps_of_each_file(run_dir)
+    assert first == list(range(step)) and second == list(range(step, 300))
+    assert json.loads((run_dir / "exit_status.json").read_text())["exit_code"] == 0
+    assert_same_metrics(run_dir, smoke_sweep / "provq-seed0")
