@@ -27,9 +27,74 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from provq_lightning import distributed
+from provq_lightning.errors import ProvqError
 from provq_lightning.kmeans import kmeans
-from provq_lightning.schedules import Phase, alpha_at, check_schedule, omega, phase_at
+from provq_lightning.schedules import SCHEDULES, Phase, alpha_at, omega, phase_at
 from provq_lightning.tokenizer import VQTokenizer
+
+# The settings that shape a run's trajectory: saved in every checkpoint, fixed for the run.
+TRAJECTORY_SETTINGS = (
+    "warmup_steps",
+    "transition_steps",
+    "schedule",
+    "lam",
+    "kmeans_init",
+    "kmeans_samples",
+    "kmeans_collect_batches",
+    "kmeans_iters",
+    "seed",
+)
+
+
+class CurriculumError(ProvqError, ValueError):
+    """A curriculum setting that cannot work, found at construction, setup or resume."""
+
+
+def _bad(key: str, value: Any, allowed: str) -> CurriculumError:
+    return CurriculumError(f"CurriculumCallback {key}: {value!r} is not allowed; {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_settings(
+    *,
+    warmup_steps: int,
+    transition_steps: int,
+    schedule: str,
+    lam: float,
+    kmeans_init: bool,
+    kmeans_samples: int | None,
+    kmeans_collect_batches: int,
+    kmeans_iters: int,
+) -> None:
+    """Raise one ``CurriculumError`` line (key, value, allowed range) for the first bad setting."""
+    for key, value in (("warmup_steps", warmup_steps), ("transition_steps", transition_steps)):
+        if not _is_int(value) or value < 0:
+            raise _bad(key, value, "use an integer >= 0 (steps)")
+    if schedule not in SCHEDULES:
+        raise _bad("schedule", schedule, f"choose one of {', '.join(SCHEDULES)}")
+    if not isinstance(lam, (int, float)) or not 0.0 <= float(lam) <= 1.0:
+        raise _bad("lam", lam, "use a number in [0, 1] (the paper uses 0.5)")
+    if kmeans_init and warmup_steps == 0:
+        raise _bad(
+            "kmeans_init",
+            kmeans_init,
+            "k-means runs on warmup encoder outputs, so it needs warmup_steps > 0; set "
+            "kmeans_init: false for the vanilla and soft-only variants",
+        )
+    if kmeans_samples is not None and (not _is_int(kmeans_samples) or kmeans_samples < 1):
+        raise _bad(
+            "kmeans_samples",
+            kmeans_samples,
+            "use a positive count of vectors (at least num_codes), or leave it unset for "
+            "16 x num_codes",
+        )
+    if not _is_int(kmeans_collect_batches) or kmeans_collect_batches < 1:
+        raise _bad("kmeans_collect_batches", kmeans_collect_batches, "use an integer >= 1")
+    if not _is_int(kmeans_iters) or kmeans_iters < 1:
+        raise _bad("kmeans_iters", kmeans_iters, "use an integer >= 1 (Lloyd iterations)")
 
 
 class CurriculumCallback(Callback):
@@ -60,20 +125,19 @@ class CurriculumCallback(Callback):
         kmeans_iters: int = 100,
         seed: int = 0,
     ) -> None:
-        if warmup_steps < 0 or transition_steps < 0:
-            raise ValueError("warmup_steps and transition_steps must be >= 0")
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam must lie in [0, 1], got {lam}")
-        if kmeans_init and warmup_steps == 0:
-            raise ValueError(
-                "kmeans_init=True needs warmup_steps > 0 (k-means runs on warmup encoder outputs); "
-                "set kmeans_init: false for the vanilla and soft-only variants"
-            )
-        if kmeans_collect_batches < 1:
-            raise ValueError("kmeans_collect_batches must be >= 1")
+        check_settings(
+            warmup_steps=warmup_steps,
+            transition_steps=transition_steps,
+            schedule=schedule,
+            lam=lam,
+            kmeans_init=kmeans_init,
+            kmeans_samples=kmeans_samples,
+            kmeans_collect_batches=kmeans_collect_batches,
+            kmeans_iters=kmeans_iters,
+        )
         self.warmup_steps = warmup_steps
         self.transition_steps = transition_steps
-        self.schedule = check_schedule(schedule)
+        self.schedule = schedule
         self.lam = lam
         self.kmeans_init = kmeans_init
         self.kmeans_samples = kmeans_samples
@@ -88,6 +152,7 @@ class CurriculumCallback(Callback):
         self.reservoir_keys: torch.Tensor | None = None
         self.reservoir_batches = 0
         self._batch_step = 0
+        self._reservoir_checked = False
 
     # -- pure views of the schedule ---------------------------------------------------------
     def values_at(self, step: int) -> tuple[float, float, Phase]:
@@ -108,6 +173,14 @@ class CurriculumCallback(Callback):
         if not isinstance(pl_module, VQTokenizer):
             raise TypeError(
                 f"CurriculumCallback drives a provq VQTokenizer; got {type(pl_module).__name__}"
+            )
+        num_codes = pl_module.quantizer.num_codes
+        if self.kmeans_init and self.kmeans_samples is not None and self.kmeans_samples < num_codes:
+            raise _bad(
+                "kmeans_samples",
+                self.kmeans_samples,
+                f"k-means needs at least num_codes={num_codes} vectors; raise kmeans_samples to "
+                f">= {num_codes} or leave it unset for 16 x num_codes = {16 * num_codes}",
             )
         strategy = trainer.strategy
         if (
@@ -150,9 +223,40 @@ class CurriculumCallback(Callback):
     ) -> None:
         latents, pl_module.seeding_latents = pl_module.seeding_latents, None
         step = self._batch_step  # the counter may already have advanced past this batch
-        if latents is None or not self._collecting(step):
+        if latents is None:
+            return
+        if self.kmeans_init and not self.seeded and not self._reservoir_checked:
+            self._check_reservoir_fills(latents, pl_module, step)
+        if not self._collecting(step):
             return
         self._add_to_reservoir(distributed.gather_rows(latents.float()), pl_module)
+
+    def _check_reservoir_fills(
+        self, latents: torch.Tensor, pl_module: VQTokenizer, step: int
+    ) -> None:
+        """On the first warmup batch: will the collection window gather K vectors at all?"""
+        self._reservoir_checked = True
+        rows = torch.tensor([float(latents.shape[0])], device=latents.device)
+        if distributed.is_distributed():
+            torch.distributed.all_reduce(rows)
+        per_batch = int(rows.item())
+        batches = min(self.kmeans_collect_batches, self.warmup_steps)
+        k = pl_module.quantizer.num_codes
+        if per_batch * batches >= k:
+            return
+        need = -(-k // max(per_batch, 1))
+        raise CurriculumError(
+            f"CurriculumCallback at step {step}: k-means seeding needs at least num_codes={k} "
+            f"encoder vectors, but the last {batches} warmup batches give only {per_batch} x "
+            f"{batches} = {per_batch * batches} (batch size x latents per sample x ranks); raise "
+            f"kmeans_collect_batches to >= {need}"
+            + (
+                f" (and warmup_steps with it, now {self.warmup_steps})"
+                if need > self.warmup_steps
+                else ""
+            )
+            + ", raise the batch size, or use fewer codes"
+        )
 
     # -- reservoir and seeding ------------------------------------------------------------
     def _capacity(self, pl_module: VQTokenizer) -> int:
@@ -184,11 +288,18 @@ class CurriculumCallback(Callback):
                 f"step {self.warmup_steps}). Was the run resumed from a checkpoint written "
                 "without this callback? Start it again, or set kmeans_init: false."
             )
+        bad_rows = int((~torch.isfinite(self.reservoir).all(dim=1)).sum())
+        if bad_rows:
+            raise ProvqError(
+                f"k-means seeding at step {step}: {bad_rows} of {self.reservoir.shape[0]} "
+                "collected encoder outputs are NaN or infinite (the warmup diverged); the "
+                "codebook is not seeded from them: lower the learning rate and start again"
+            )
         if self.reservoir.shape[0] < k:
-            raise RuntimeError(
+            raise ProvqError(
                 f"k-means seeding needs at least {k} vectors for {k} codes but collected "
                 f"{self.reservoir.shape[0]}; raise kmeans_collect_batches (now "
-                f"{self.kmeans_collect_batches}) or the batch size"
+                f"{self.kmeans_collect_batches}) or the batch size, or use fewer codes"
             )
         device = pl_module.device
         centers = torch.empty(k, pl_module.quantizer.code_dim, device=device)
@@ -210,8 +321,13 @@ class CurriculumCallback(Callback):
         self.reservoir = self.reservoir_keys = None
 
     # -- checkpointing ----------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The settings that shape the trajectory; a resumed run must use the same."""
+        return {key: getattr(self, key) for key in TRAJECTORY_SETTINGS}
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "settings": self.settings(),
             "seeded": self.seeded,
             "seed_count": self.seed_count,
             "seeded_at_step": self.seeded_at_step,
@@ -221,6 +337,20 @@ class CurriculumCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("settings")  # absent in checkpoints of provq < 0.2
+        if saved is not None:
+            changed = [
+                f"{key} {saved[key]!r} -> {value!r}"
+                for key, value in self.settings().items()
+                if key in saved and saved[key] != value
+            ]
+            if changed:
+                raise CurriculumError(
+                    "the checkpoint was trained with other curriculum settings ("
+                    + ", ".join(changed)
+                    + "); a run's curriculum is fixed: resume with the run's own settings, or "
+                    "start a new run (no --ckpt_path, or another logger version)"
+                )
         self.seeded = bool(state_dict["seeded"])
         self.seed_count = int(state_dict["seed_count"])
         self.seeded_at_step = state_dict["seeded_at_step"]

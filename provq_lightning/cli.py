@@ -7,15 +7,32 @@ by ``class_path``/``init_args`` in the config, so any provq tokenizer and datamo
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from callbacks.metrics_json import MetricsJsonCallback
+from callbacks.nonfinite import NonFiniteGuard
+from callbacks.preemption import PreemptionCheckpoint
+from callbacks.resume import ResumeCallback
+from provq_lightning.checkpoint_check import check_checkpoint_file
+from provq_lightning.checkpoint_io import AtomicCheckpointIO
 from provq_lightning.errors import ProvqError
+from provq_lightning.run_dir import (
+    LAST_CHECKPOINT,
+    RunLock,
+    newest_resumable_run,
+    version_from_dir_name,
+    write_config_history,
+)
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -29,28 +46,157 @@ TRAINER_DEFAULTS = {
 
 def provq_callbacks(config: dict[str, Any]) -> list[Callback]:
     """Callbacks provq adds to every run (``config`` is the trainer's init config)."""
-    return [MetricsJsonCallback()]
+    callbacks: list[Callback] = [MetricsJsonCallback(), ResumeCallback()]
+    configured = config.get("callbacks") or []
+    configured = configured if isinstance(configured, list) else [configured]
+    # A NonFiniteGuard in the config (e.g. `enabled: false`) replaces the default one.
+    if not any(isinstance(c, NonFiniteGuard) for c in configured):
+        callbacks.append(NonFiniteGuard())
+    # Last of provq's: on SIGUSR1 it saves last.ckpt after the other callbacks' step-end hooks
+    # ran, as ModelCheckpoint does. One in the config (other signal, ...) replaces it.
+    if not any(isinstance(c, PreemptionCheckpoint) for c in configured):
+        callbacks.append(PreemptionCheckpoint())
+    return callbacks
 
 
 def provq_plugins(config: dict[str, Any], configured: list[Any]) -> list[Any]:
     """Trainer plugins provq adds to every run; ``configured`` are the config's own plugins,
     and a provq plugin is left out when the config brings one of its kind."""
-    return []
+    # Atomic, space-checked checkpoint writes, unless the config chooses its own CheckpointIO
+    # (as a plugin or inside a strategy instance: Lightning refuses two).
+    if getattr(config.get("strategy"), "_checkpoint_io", None) is not None:
+        return []
+    for plugin in configured:
+        if isinstance(plugin, _WrappingCheckpointIO):
+            # e.g. AsyncCheckpointIO without a base: ours becomes its base (no-op if it has one).
+            plugin.checkpoint_io = AtomicCheckpointIO()
+        if isinstance(plugin, CheckpointIO):
+            return []
+    return [AtomicCheckpointIO()]
+
+
+class ConfigHistoryCallback(SaveConfigCallback):
+    """Write ``config.yaml`` into the run directory, keeping earlier configs as ``config.N.yaml``.
+
+    A resumed fit writes it only after the checkpoint restored, so a resume that fails (another
+    ``num_codes``, changed curriculum settings) leaves the run's config as it was.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved or (stage == "fit" and self.config.get("ckpt_path")):
+            return
+        self._write(trainer)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.already_saved:
+            self._write(trainer)
+
+    def _write(self, trainer: Trainer) -> None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
+        if trainer.is_global_zero and log_dir is not None:
+            text = self.parser.dump(self.config, skip_none=False)
+            write_config_history(Path(log_dir) / self.config_filename, text)
+        self.already_saved = True
+
+
+def _is_launch_rank_zero() -> bool:
+    """Global rank 0 before any process group exists (from the launchers' variables)."""
+    names = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+    return all(int(os.environ.get(name, "0") or 0) == 0 for name in names)
+
+
+def _logger_args(trainer_config: Any) -> Any | None:
+    """The init_args of a single TensorBoard/CSV-style logger config, else None."""
+    logger = trainer_config.get("logger") if trainer_config is not None else None
+    if isinstance(logger, list) and len(logger) == 1:
+        logger = logger[0]
+    init_args = getattr(logger, "init_args", None) if logger is not None else None
+    if init_args is None or not hasattr(init_args, "save_dir") or not hasattr(init_args, "name"):
+        return None
+    return init_args
+
+
+# Released by main() however the fit ends (atexit alone misses forked children's os._exit).
+_HELD_LOCKS: list[RunLock] = []
+
+# Set by rank 0's process so the ranks it launches resume the same run without looking again.
+_RESUME_ENV = "PROVQ_RESUME_VERSION"
 
 
 class ProvqCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        self.run_lock: RunLock | None = None
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            save_config_callback=ConfigHistoryCallback,
             # A requeued or resumed run writes into the same directory: not an error.
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
             args=args,
             run=run,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's CLI loads the whole checkpoint here to overlay its saved hyper-parameters
+        # on the config, which silently undid settings changed for a resume. provq applies or
+        # refuses changed settings explicitly (ResumeCallback, CurriculumCallback), so the config
+        # stays as given; only a file that cannot be a checkpoint is reported, in one line.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            check_checkpoint_file(ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            self._resolve_last_checkpoint(self.config["fit"])
+
+    @staticmethod
+    def _resolve_last_checkpoint(config: Any) -> None:
+        """``--ckpt_path last``: continue the newest run of the logger's name (or the pinned
+        version), in its own directory and TensorBoard run; with none, start fresh."""
+        if config.get("ckpt_path") != "last":
+            return
+        logger_args = _logger_args(config.get("trainer"))
+        if logger_args is None:
+            return  # no file-based logger: Lightning's own "last" lookup
+        save_dir, name = logger_args.save_dir or "runs", logger_args.name or ""
+        pinned = os.environ.get(_RESUME_ENV) or logger_args.version
+        if pinned is not None:
+            version = pinned if isinstance(pinned, str) else f"version_{pinned}"
+            ckpt = Path(save_dir) / name / version / LAST_CHECKPOINT
+            target = ckpt if ckpt.is_file() else None
+        else:
+            found = newest_resumable_run(save_dir, name)
+            version = found.version if found else None
+            target = found.checkpoint if found else None
+        if target is None:
+            where = Path(save_dir) / name / (version or "")
+            print(f"[provq] --ckpt_path last: no last.ckpt under {where}; starting a fresh run")
+            config["ckpt_path"] = None
+            return
+        logger_args.version = version_from_dir_name(version)
+        config["ckpt_path"] = str(target)
+        os.environ[_RESUME_ENV] = version
+        if _is_launch_rank_zero():
+            print(f"[provq] --ckpt_path last: resuming {target}")
+
+    def before_fit(self) -> None:
+        if not _is_launch_rank_zero():
+            return
+        log_dir = self.trainer.log_dir
+        if log_dir is None:
+            return
+        self.run_lock = RunLock(log_dir)
+        self.run_lock.acquire()
+        _HELD_LOCKS.append(self.run_lock)
+        atexit.register(self.run_lock.release)
+
+    def after_fit(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         extra = [
@@ -85,10 +231,42 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [sys.argv[0], *argv]
     try:
         ProvqCLI()
-    except ProvqError as err:
-        # A fault the user can fix: one line, not a traceback.
-        print(f"provq-fit: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    except Exception as err:  # noqa: BLE001 - only provq's own, user-fixable errors are caught
+        found = user_error(err)
+        if found is None:
+            raise
+        # A fault the user can fix: one line, not a traceback (jsonargparse wraps errors raised
+        # while instantiating the config's classes in a long union-type report).
+        print(f"provq-fit: error: {found}", file=sys.stderr)
+        sys.exit(found.exit_code)
+    finally:
+        while _HELD_LOCKS:
+            _HELD_LOCKS.pop().release()
+        os.environ.pop(_RESUME_ENV, None)  # in-process callers (tests) start clean next time
+
+
+def _state_dict_mismatch(err: RuntimeError) -> ProvqError:
+    # torch lists every mismatched tensor on its own line; the first names the kind of change.
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[1] if len(lines) > 1 else lines[0]
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return ProvqError(
+        f"the checkpoint does not fit the configured model: {first.rstrip('.')}{more}; a run's "
+        "model settings are fixed: resume with the run's own config.yaml, or start a new run"
+    )
+
+
+def user_error(err: BaseException) -> ProvqError | None:
+    """The ``ProvqError`` behind ``err`` (itself, or in its cause/context chain), if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ProvqError):
+            return err
+        if isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict"):
+            return _state_dict_mismatch(err)
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

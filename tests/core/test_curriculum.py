@@ -3,8 +3,9 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from callbacks.curriculum import CurriculumCallback
+from callbacks.curriculum import CurriculumCallback, CurriculumError
 from datamodules.topodisc import TopoDiscDataModule
+from provq_lightning.errors import ProvqError
 from provq_lightning.schedules import Phase, alpha_at, omega
 from provq_lightning.topodisc import TopoDiscTokenizer
 
@@ -118,12 +119,59 @@ def test_variants_are_configurations():
     )
 
 
-def test_too_small_reservoir_is_an_actionable_error():
+def test_kmeans_samples_below_num_codes_is_refused_at_setup_naming_kmeans_samples():
     cb = CurriculumCallback(
         warmup_steps=3, transition_steps=3, kmeans_collect_batches=1, kmeans_samples=4
     )
-    with pytest.raises(RuntimeError, match="kmeans_collect_batches"):
+    with pytest.raises(CurriculumError, match=r"kmeans_samples: 4 .*>= 16") as err:
         fit(cb, steps=6, num_codes=16)
+    assert "kmeans_collect_batches" not in str(err.value)  # the advice names the real cause
+
+
+def test_reservoir_that_cannot_fill_is_refused_on_the_first_warmup_batch():
+    # TopoDisc batches hold 675 latents; 2 batches cannot seed 2048 codes.
+    cb = CurriculumCallback(warmup_steps=50, transition_steps=3, kmeans_collect_batches=2)
+    with pytest.raises(CurriculumError, match=r"step 0: .*kmeans_collect_batches to >= 4"):
+        fit(cb, steps=60, num_codes=2048)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("lam", 1.5, r"\[0, 1\]"),
+        ("schedule", "cosin", "cosine, linear, exponential, hard"),
+        ("kmeans_samples", 0, "positive count"),
+        ("kmeans_samples", -3, "positive count"),
+        ("warmup_steps", -1, ">= 0"),
+        ("kmeans_collect_batches", 0, ">= 1"),
+        ("kmeans_iters", 0, ">= 1"),
+    ],
+)
+def test_bad_curriculum_value_is_one_line_naming_key_value_and_range(key, value, allowed):
+    kwargs = {"warmup_steps": 10, "transition_steps": 10, key: value}
+    with pytest.raises(CurriculumError, match=rf"^CurriculumCallback {key}: .*{allowed}") as err:
+        CurriculumCallback(**kwargs)
+    assert "\n" not in str(err.value) and repr(value) in str(err.value)
+
+
+def test_resume_with_changed_curriculum_settings_is_refused_naming_the_change():
+    saved = CurriculumCallback(warmup_steps=10, transition_steps=10).state_dict()
+    CurriculumCallback(warmup_steps=10, transition_steps=10).load_state_dict(saved)
+    for changed in ({"warmup_steps": 5}, {"warmup_steps": 20}, {"schedule": "linear"}):
+        cb = CurriculumCallback(**{"warmup_steps": 10, "transition_steps": 10, **changed})
+        key, value = next(iter(changed.items()))
+        with pytest.raises(CurriculumError, match=rf"{key} .* -> {value!r}.*start a new run"):
+            cb.load_state_dict(saved)
+
+
+def test_nonfinite_reservoir_is_never_used_for_seeding():
+    cb = CurriculumCallback(warmup_steps=4, transition_steps=4, kmeans_collect_batches=2)
+    model = TopoDiscTokenizer(num_codes=8)
+    cb.reservoir = torch.randn(100, 2)
+    cb.reservoir[7, 1] = float("nan")
+    with pytest.raises(ProvqError, match="1 of 100 .*NaN"):
+        cb._seed_codebook(None, model, 4)
+    assert not cb.seeded
 
 
 @pytest.mark.parametrize(
