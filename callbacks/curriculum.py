@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from provq_lightning import distributed
 from provq_lightning.errors import ProvqError
@@ -313,6 +313,15 @@ class CurriculumCallback(Callback):
                 f"({result.iterations} iterations, inertia {result.inertia:.4g}, "
                 f"{result.reseeded} empty clusters re-seeded)"
             )
+            distinct = int(torch.unique(self.reservoir, dim=0).shape[0])
+            if distinct < k:
+                # Not an error (training can still spread the codes), but the user should know.
+                rank_zero_warn(
+                    f"k-means seeding at step {step}: the reservoir holds only {distinct} distinct "
+                    f"encoder outputs for num_codes={k}, so {k - distinct} codes start as "
+                    "duplicates; the data has fewer distinct latents than codes (use fewer codes "
+                    "or more data)"
+                )
         centers = distributed.broadcast_tensor(centers, src=0)
         pl_module.quantizer.set_codebook(centers)
         self.seeded = True

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -62,17 +63,22 @@ def provq_callbacks(config: dict[str, Any]) -> list[Callback]:
 def provq_plugins(config: dict[str, Any], configured: list[Any]) -> list[Any]:
     """Trainer plugins provq adds to every run; ``configured`` are the config's own plugins,
     and a provq plugin is left out when the config brings one of its kind."""
+    plugins: list[Any] = []
+    # PreemptionCheckpoint answers SIGUSR1 at a step boundary; Lightning's SLURM auto-requeue
+    # would otherwise announce itself and could write a mid-step hpc checkpoint.
+    if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in configured):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     # Atomic, space-checked checkpoint writes, unless the config chooses its own CheckpointIO
     # (as a plugin or inside a strategy instance: Lightning refuses two).
     if getattr(config.get("strategy"), "_checkpoint_io", None) is not None:
-        return []
+        return plugins
     for plugin in configured:
         if isinstance(plugin, _WrappingCheckpointIO):
             # e.g. AsyncCheckpointIO without a base: ours becomes its base (no-op if it has one).
             plugin.checkpoint_io = AtomicCheckpointIO()
         if isinstance(plugin, CheckpointIO):
-            return []
-    return [AtomicCheckpointIO()]
+            return plugins
+    return [*plugins, AtomicCheckpointIO()]
 
 
 class ConfigHistoryCallback(SaveConfigCallback):

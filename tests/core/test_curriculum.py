@@ -135,6 +135,15 @@ def test_reservoir_that_cannot_fill_is_refused_on_the_first_warmup_batch():
         fit(cb, steps=60, num_codes=2048)
 
 
+def test_more_codes_than_distinct_latents_warns_at_seeding():
+    cb = CurriculumCallback(warmup_steps=4, transition_steps=4, kmeans_collect_batches=2)
+    model = TopoDiscTokenizer(num_codes=64)
+    cb.reservoir = torch.randn(40, 2).repeat(4, 1)  # 160 vectors, 40 distinct
+    with pytest.warns(UserWarning, match="only 40 distinct encoder outputs for num_codes=64"):
+        cb._seed_codebook(None, model, 4)
+    assert cb.seeded
+
+
 @pytest.mark.parametrize(
     ("key", "value", "allowed"),
     [
