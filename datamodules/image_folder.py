@@ -4,8 +4,11 @@ Reads an ImageNet-layout folder (``<wnid>/*.JPEG``) or a flat folder of ``<wnid>
 (the shared sample photos), with the same crops and batch format as ``ImageNetDataModule``.
 A deterministic hold-out (``val_fraction``, chosen by a hash of the file name, so it does not
 move when files are added) gives a validation set when there is no separate folder.
-Under DDP Lightning adds a ``DistributedSampler``. Unreadable images fail loudly here: a small
-folder is meant to be clean (stream shards for large, messy sets).
+Training reads through an ``EpochSampler`` (``DistributedSampler``'s epoch-seeded order, ranks
+interleaved under DDP) behind a resumable loader: a run resumed mid-epoch from a checkpoint
+continues with the batches and crops the uninterrupted run would have used (see
+``provq_lightning.stream_position``). Unreadable images fail loudly here: a small folder is
+meant to be clean (stream shards for large, messy sets).
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ from provq_lightning.image.transforms import (
     random_crop,
     to_model_range,
     to_uint8_tensor,
+)
+from provq_lightning.stream_position import (
+    EpochSampler,
+    SamplerLoader,
+    StreamPosition,
+    global_seed,
+    note_training_batch,
+    trainer_context,
 )
 
 
@@ -62,7 +73,11 @@ class FolderImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        """Image ``index``; ``(index, crop_seed)`` (from ``EpochSampler``) seeds the crop."""
+        crop_seed = None
+        if isinstance(index, tuple):
+            index, crop_seed = index
         item = self.images[index]
         size = self.image_size
         draft = round(size / self.min_crop_frac) + 1 if self.train else size
@@ -71,8 +86,10 @@ class FolderImages(Dataset):
         except UndecodableImage as exc:
             raise UndecodableImage(f"{item.path}: {exc} (remove or replace the file)") from exc
         if self.train:
-            # Fresh randomness per draw; torch's worker seeding makes it reproducible per run.
-            rng = random.Random(torch.randint(0, 2**62, ()).item())
+            # Seeded by the sampler when training (resumable); else fresh torch randomness.
+            if crop_seed is None:
+                crop_seed = int(torch.randint(0, 2**62, ()).item())
+            rng = random.Random(crop_seed)
             img = random_crop(img, size, rng, self.min_crop_frac, self.max_crop_frac)
         else:
             img = center_crop(img, size)
@@ -113,6 +130,7 @@ class ImageFolderDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.position = StreamPosition()  # of the training stream, saved by its loader
 
     def _images(self, root: str) -> list[SourceImage]:
         images = find_images(resolve_path(root))
@@ -137,16 +155,26 @@ class ImageFolderDataModule(LightningDataModule):
         # Every image once, centre-cropped, in file order: what provq-tokenize encodes.
         self.predict_set = FolderImages(train + val, train=False, **common)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> SamplerLoader:
         hp = self.hparams
-        return DataLoader(
+        context = trainer_context(self)
+        _, rank, world_size = context()
+        sampler = EpochSampler(self.train_set, num_replicas=world_size, rank=rank,
+                               seed=global_seed())
+        return SamplerLoader(
             self.train_set,
             batch_size=hp.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=hp.drop_last,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
+            context=context,
+            position=self.position,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        note_training_batch(self, self.position)
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

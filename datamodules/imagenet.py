@@ -5,7 +5,16 @@ from disjoint ranges of one epoch-shuffled global order (see ``provq_lightning.i
 no sample is read twice per epoch, and uneven shards cannot make one rank stop early and hang
 the others. A corrupt sample (truncated JPEG, non-image member, unreadable tar tail) is skipped,
 counted and logged with its shard and key; its rank then tops its last batch up with samples it
-already decoded this epoch, so the batch count stays fixed.
+already decoded this epoch, so the batch count stays fixed. A shard that ends early is logged
+with the number of planned samples lost, and they count as skipped.
+
+Resuming mid-epoch: the training loader is resumable (``provq_lightning.stream_position``): the
+checkpoint holds the epoch and, per rank and loader worker, the batches the training steps took
+and the corrupt samples met in them. On resume each worker replays its stream without decoding:
+it reads the tar bytes of the samples it had delivered, draws their crop randomness (so the
+shuffle buffer and the crops continue exactly as in the uninterrupted run) and keeps the ones
+still in the shuffle buffer undecoded until they are used. Decoding, the expensive part, is done
+only for samples that reach a batch.
 
 Batches are dicts: ``image`` (B, 3, H, W) uint8 on the loader side and float in [-1, 1] after
 the transfer to the device, ``label`` (B,) and ``key`` (list of str).
@@ -17,6 +26,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +43,19 @@ from provq_lightning.image.transforms import (
     to_model_range,
     to_uint8_tensor,
 )
+from provq_lightning.stream_position import (
+    ResumableLoader,
+    SlotStart,
+    StreamPosition,
+    note_training_batch,
+)
 
 log = logging.getLogger("provq.data")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+REST_OF_SHARD = "<rest of shard>"
+# rng.random() calls random_crop makes per image (scale, left, top, flip): a sample skipped on
+# resume draws them without being decoded. tests/image/test_stream_resume.py checks the count.
+CROP_DRAWS = 4
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -80,11 +100,40 @@ def shard_infos(
     return [sh.ShardInfo(url, samples_per_shard) for url in urls]
 
 
+@dataclass
+class Undecoded:
+    """A sample read while replaying a resumed stream: its crop draws are taken (the RNG stays
+    in step with the uninterrupted run), its image is decoded only if a batch uses it."""
+
+    sample: sh.RawSample
+    draws: list[float]
+
+
+class _Playback(random.Random):
+    """Gives back recorded ``random()`` values: applies a crop drawn earlier."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__(0)
+        self._values = iter(values)
+
+    def random(self) -> float:
+        return next(self._values)
+
+
+class _Replay:
+    """Whether the stream is still replaying batches delivered before the resume."""
+
+    def __init__(self, start: SlotStart) -> None:
+        self.active = start.skip > 0
+        self.bad = start.bad
+
+
 class ShardImageDataset(IterableDataset):
     """Yields whole uint8 batches; see the module docstring for the epoch contract.
 
-    ``epoch``, ``rank`` and ``world_size`` are set by ``EpochLoader`` in the main process
-    before workers start, so they reach the workers whatever the start method.
+    ``epoch``, ``rank``, ``world_size`` and ``starts`` (per worker: batches to skip on resume)
+    are set by the loader in the main process before workers start, so they reach the workers
+    whatever the start method. Each batch names the ``worker`` that made it.
     """
 
     def __init__(
@@ -118,6 +167,8 @@ class ShardImageDataset(IterableDataset):
         self.epoch = 0
         self.rank = 0
         self.world_size = 1
+        self.starts: list[SlotStart] | None = None
+        self.worker_offset = 0
         # Training needs equal full batches on every rank; evaluation needs every sample.
         self.drop_last = train if drop_last is None else drop_last
         self.limit = limit
@@ -151,19 +202,38 @@ class ShardImageDataset(IterableDataset):
         return to_uint8_tensor(img)
 
     def _decoded(
-        self, slices: list[sh.Slice], rng: random.Random, skipped: list[tuple[str, str, str]]
-    ) -> Iterator[tuple[torch.Tensor, int, str]]:
+        self, slices: list[sh.Slice], rng: random.Random, skipped: list[tuple], replay: _Replay
+    ) -> Iterator[tuple[torch.Tensor | Undecoded, int, str]]:
+        """(image, label, key) per readable sample; ``skipped`` gets (shard, key, reason, lost).
+
+        While ``replay.active`` samples are not decoded: the known corrupt ones are passed over,
+        the others draw their crop and come out ``Undecoded``.
+        """
         for piece in slices:
             try:
                 for sample in sh.read_slice(piece, self.classes):
+                    label = sh.sample_label(sample)
+                    if replay.active:
+                        if (sample.shard, sample.key) in replay.bad:
+                            skipped.append((sample.shard, sample.key, "corrupt", 1))
+                            continue
+                        draws = [rng.random() for _ in range(CROP_DRAWS)] if self.train else []
+                        yield Undecoded(sample, draws), label, sample.key
+                        continue
                     try:
                         image = self._transform(sample, rng)
                     except UndecodableImage as exc:
-                        skipped.append((sample.shard, sample.key, str(exc)))
+                        skipped.append((sample.shard, sample.key, str(exc), 1))
                         continue
-                    yield image, sh.sample_label(sample), sample.key
+                    yield image, label, sample.key
             except sh.ShardReadError as exc:
-                skipped.append((piece.url, "<rest of shard>", str(exc)))
+                skipped.append((piece.url, REST_OF_SHARD, str(exc), exc.lost or 0))
+
+    def _image(self, item: tuple) -> torch.Tensor:
+        image = item[0]
+        if isinstance(image, Undecoded):
+            return self._transform(image.sample, _Playback(image.draws))
+        return image
 
     def _shuffled(self, items: Iterator, rng: random.Random) -> Iterator:
         if self.shuffle_buffer <= 1:
@@ -180,6 +250,10 @@ class ShardImageDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes batches from its workers in turn, starting with worker 0. After
+        # a resume the turn belongs to the worker after the one that made the last batch taken,
+        # so loader worker 0 plays that worker's part.
+        worker = (worker + self.worker_offset) % num_workers
         slices, num_batches = sh.plan_worker(
             self.shards,
             classes=self.classes,
@@ -195,12 +269,23 @@ class ShardImageDataset(IterableDataset):
             drop_last=self.drop_last,
         )
         rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))
-        skipped: list[tuple[str, str, str]] = []
-        stream = self._shuffled(self._decoded(slices, rng, skipped), rng)
-        recent: list[tuple[torch.Tensor, int, str]] = []
-        for _ in range(num_batches):
+        skipped: list[tuple] = []
+        start = self.starts[worker] if self.starts else SlotStart()
+        replay = _Replay(start)
+        stream = self._shuffled(self._decoded(slices, rng, skipped, replay), rng)
+        recent: list[tuple] = []
+        for index in range(num_batches):
+            # Batches before start.skip were delivered before the resume: rebuilt, not yielded.
+            replay.active = index < start.skip
             items = []
             for item in stream:
+                if not replay.active and isinstance(item[0], Undecoded):
+                    try:
+                        item = (self._image(item), item[1], item[2])
+                    except UndecodableImage as exc:
+                        sample = item[0].sample
+                        skipped.append((sample.shard, sample.key, str(exc), 1))
+                        continue
                 items.append(item)
                 if len(items) == self.batch_size:
                     break
@@ -218,12 +303,16 @@ class ShardImageDataset(IterableDataset):
                 items.append(recent[refilled % len(recent)])
                 refilled += 1
             recent = (recent + items)[-4 * self.batch_size :]
+            if replay.active:
+                skipped.clear()  # reported before the resume
+                continue
             yield {
-                "image": torch.stack([it[0] for it in items]),
+                "image": torch.stack([self._image(it) for it in items]),
                 "label": torch.tensor([it[1] for it in items], dtype=torch.long),
                 "key": [it[2] for it in items],
                 "skipped": skipped[:],
                 "refilled": refilled,
+                "worker": worker,
             }
             skipped.clear()
 
@@ -240,7 +329,21 @@ class EpochLoader(DataLoader):
     def __iter__(self):
         epoch, rank, world_size = self.context()
         self.dataset.epoch, self.dataset.rank, self.dataset.world_size = epoch, rank, world_size
+        self.dataset.starts, self.dataset.worker_offset = None, 0
         return super().__iter__()
+
+
+class ResumableShardLoader(ResumableLoader):
+    """The training loader: ``EpochLoader``'s contract plus its position in checkpoints (one
+    slot per loader worker; see ``provq_lightning.stream_position``)."""
+
+    def layout(self, world_size: int) -> dict[str, int]:
+        return {**super().layout(world_size), "batch_size": self.dataset.batch_size}
+
+    def start_epoch(self, epoch: int, rank: int, world_size: int, starts: list[SlotStart]) -> None:
+        ds = self.dataset
+        ds.epoch, ds.rank, ds.world_size, ds.starts = epoch, rank, world_size, starts
+        ds.worker_offset = sum(s.skip for s in starts) % len(starts)
 
 
 class ImageNetDataModule(LightningDataModule):
@@ -281,6 +384,7 @@ class ImageNetDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.skipped_count = 0
         self.refilled_count = 0
+        self.position = StreamPosition()  # of the training stream, saved by its loader
 
     def _context(self) -> tuple[int, int, int]:
         trainer = self.trainer
@@ -325,8 +429,17 @@ class ImageNetDataModule(LightningDataModule):
             context=self._context,
         )
 
-    def train_dataloader(self) -> EpochLoader:
-        return self._loader(self.train_set)
+    def train_dataloader(self) -> ResumableShardLoader:
+        workers = self.hparams.num_workers
+        return ResumableShardLoader(
+            self.train_set,
+            batch_size=None,  # the dataset yields whole batches
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            context=self._context,
+            position=self.position,
+            slots=max(1, workers),
+        )
 
     def val_dataloader(self) -> EpochLoader | list:
         return self._loader(self.val_set) if self.val_set is not None else []
@@ -340,7 +453,10 @@ class ImageNetDataModule(LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "skipped" in batch:
-            note_skipped(self, batch.pop("skipped"), int(batch.pop("refilled")))
+            skipped = batch.pop("skipped")
+            note_skipped(self, skipped, int(batch.pop("refilled")))
+            bad = [(shard, key) for shard, key, *_ in skipped if key != REST_OF_SHARD]
+            note_training_batch(self, self.position, int(batch.pop("worker", 0)), bad)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -349,15 +465,24 @@ class ImageNetDataModule(LightningDataModule):
         return batch
 
 
-def note_skipped(dm: Any, skipped: list[tuple[str, str, str]], refilled: int) -> None:
-    """Count and log corrupt samples with shard and key (on the rank that met them)."""
+def note_skipped(dm: Any, skipped: list[tuple[str, str, str, int]], refilled: int) -> None:
+    """Count and log lost samples with shard and key (on the rank that met them).
+
+    ``skipped`` holds (shard, key, reason, lost): one corrupt sample, or for a shard that ended
+    early (key ``REST_OF_SHARD``) the number of planned samples it could not deliver.
+    """
     if not skipped and not refilled:
         return
-    dm.skipped_count += len(skipped)
+    dm.skipped_count += sum(lost for *_, lost in skipped)
     dm.refilled_count += refilled
     rank = dm.trainer.global_rank if dm.trainer is not None else 0
-    for shard, key, reason in skipped:
-        log.warning("[rank %d] skipped corrupt sample %s in shard %s: %s", rank, key, shard, reason)
+    for shard, key, reason, lost in skipped:
+        if key == REST_OF_SHARD:
+            log.warning("[rank %d] lost %d samples of shard %s, which ended early: %s",
+                        rank, lost, shard, reason)
+        else:
+            log.warning("[rank %d] skipped corrupt sample %s in shard %s: %s",
+                        rank, key, shard, reason)
     if refilled:
         log.warning("[rank %d] repeated %d samples to keep the batch count fixed", rank, refilled)
     trainer = dm.trainer

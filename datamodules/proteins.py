@@ -5,12 +5,20 @@ when it is missing or stale (the cache directory is keyed by a fingerprint of th
 parse/split settings); every rank then reads its share of the shards, memory-mapped. Training
 crops long chains to a random contiguous window of ``crop_length``; validation and test take the
 first window, so their metrics are deterministic.
+
+Resuming mid-epoch: training reads through an ``EpochSampler`` (``DistributedSampler``'s
+epoch-seeded order, so under DDP the order is the one Lightning's own sampler gave) behind a
+resumable loader (``provq_lightning.stream_position``): the checkpoint holds the epoch and the
+batches taken, and a resumed run drops those indices without loading them. Each training index
+carries a seed for its crop window, so the resumed run also crops exactly as the uninterrupted
+one would have.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +38,14 @@ from provq_lightning.protein.cache import (
 )
 from provq_lightning.protein.parsing import ParseOptions
 from provq_lightning.protein.paths import resolve_data_path
+from provq_lightning.stream_position import (
+    EpochSampler,
+    SamplerLoader,
+    StreamPosition,
+    global_seed,
+    note_training_batch,
+    trainer_context,
+)
 
 log = logging.getLogger("provq.protein")
 
@@ -68,7 +84,11 @@ class CachedStructures(Dataset):
             self._shards[k] = load_shard(self.shard_files[k])
         return self._shards[k]
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """Chain ``index``; ``(index, crop_seed)`` (from ``EpochSampler``) seeds a random crop."""
+        crop_seed = None
+        if isinstance(index, tuple):
+            index, crop_seed = index
         if not 0 <= index < self.length:
             raise IndexError(index)
         k = bisect.bisect_right(self.starts, index) - 1
@@ -78,7 +98,9 @@ class CachedStructures(Dataset):
         aatype = torch.from_numpy(np.array(chain.aatype)).long()
         n = coords.shape[0]
         if self.crop_length is not None and n > self.crop_length:
-            if self.random_crop:
+            if self.random_crop and crop_seed is not None:
+                start = random.Random(crop_seed).randrange(n - self.crop_length + 1)
+            elif self.random_crop:
                 start = int(torch.randint(0, n - self.crop_length + 1, ()).item())
             else:
                 start = 0
@@ -175,6 +197,7 @@ class ProteinStructureDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.prep_workers = prep_workers
+        self.position = StreamPosition()  # of the training stream, saved by its loader
 
     def resolved_sources(self) -> list[Path]:
         return [resolve_data_path(s) for s in self.sources]
@@ -221,8 +244,25 @@ class ProteinStructureDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> SamplerLoader:
+        context = trainer_context(self)
+        _, rank, world_size = context()
+        sampler = EpochSampler(self.train_set, num_replicas=world_size, rank=rank,
+                               seed=global_seed())
+        return SamplerLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_structures,
+            persistent_workers=self.num_workers > 0,
+            context=context,
+            position=self.position,
+        )
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        note_training_batch(self, self.position)
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

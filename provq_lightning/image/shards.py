@@ -217,9 +217,14 @@ def iter_shard(url: str) -> Iterator[RawSample]:
 
 
 class ShardReadError(RuntimeError):
-    def __init__(self, url: str, cause: BaseException) -> None:
-        super().__init__(f"shard {url} could not be read to the end: {cause}")
+    """A shard ended early; ``lost``: the planned samples that could not be read (if known)."""
+
+    def __init__(self, url: str, cause: BaseException, lost: int | None = None) -> None:
+        tail = f" ({lost} planned samples lost)" if lost is not None else ""
+        super().__init__(f"shard {url} could not be read to the end: {cause}{tail}")
         self.url = url
+        self.cause = cause
+        self.lost = lost
 
 
 def image_member(sample: RawSample) -> bytes | None:
@@ -245,22 +250,30 @@ def sample_label(sample: RawSample) -> int:
 def read_slice(piece: Slice, classes: frozenset[str] | None) -> Iterator[RawSample]:
     """Selected samples ``[start, stop)`` of a shard (reads through the earlier ones).
 
-    A shard that ends before ``stop`` (cut short, or smaller than its index says) raises
-    ``ShardReadError`` after its last sample, so the loss is counted, not silent.
+    A shard that ends before ``stop`` (cut short, unreadable from some point, or smaller than
+    its index says) raises ``ShardReadError`` after its last sample, with ``lost`` the samples
+    of ``[start, stop)`` it could not deliver, so the loss is counted, not silent.
     """
     position = 0
-    for sample in iter_shard(piece.url):
-        if classes is not None and sample_wnid(sample) not in classes:
-            continue
-        if position >= piece.stop:
-            return
-        if position >= piece.start:
-            yield sample
-        position += 1
+    try:
+        for sample in iter_shard(piece.url):
+            if classes is not None and sample_wnid(sample) not in classes:
+                continue
+            if position >= piece.stop:
+                return
+            if position >= piece.start:
+                yield sample
+            position += 1
+    except ShardReadError as exc:
+        raise ShardReadError(piece.url, exc.cause, lost_samples(piece, position)) from exc
     if position < piece.stop:
-        raise ShardReadError(
-            piece.url, EOFError(f"ended after {position} samples, expected {piece.stop}")
-        )
+        cause = EOFError(f"ended after {position} samples, expected {piece.stop}")
+        raise ShardReadError(piece.url, cause, lost_samples(piece, position))
+
+
+def lost_samples(piece: Slice, position: int) -> int:
+    """Samples of ``piece`` not delivered when its shard ended after ``position`` samples."""
+    return max(0, piece.stop - max(position, piece.start))
 
 
 def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
