@@ -187,14 +187,16 @@ class CurriculumCallback(Callback):
             self.warmup_steps > 0
             and isinstance(strategy, DDPStrategy)
             and not strategy._ddp_kwargs.get("find_unused_parameters", False)
-            and not strategy._ddp_kwargs.get("static_graph", False)
+            and type(pl_module).quantize is not VQTokenizer.quantize
         ):
-            # The quantizer gets no gradient while it is bypassed; plain DDP would stop at the
+            # VQTokenizer.quantize gives the bypassed codebook a zero-weight term, so plain DDP
+            # sees it used; an overriding quantize may not, and plain DDP would then stop at the
             # first warmup step with an opaque "expected to have finished reduction" error.
             raise ValueError(
-                f"warmup_steps={self.warmup_steps} bypasses the quantizer, whose parameters then "
-                "get no gradient, which plain DDP does not allow; set "
-                "`trainer.strategy: ddp_find_unused_parameters_true` in the config"
+                f"warmup_steps={self.warmup_steps}: {type(pl_module).__name__} overrides "
+                "VQTokenizer.quantize, so its bypassed quantizer may get no gradient in warmup, "
+                "which plain DDP does not allow; set `trainer.strategy: "
+                "ddp_find_unused_parameters_true` in the config"
             )
 
     def on_train_batch_start(
@@ -239,7 +241,8 @@ class CurriculumCallback(Callback):
         rows = torch.tensor([float(latents.shape[0])], device=latents.device)
         if distributed.is_distributed():
             torch.distributed.all_reduce(rows)
-        per_batch = int(rows.item())
+        # A step of a model that accumulates gradients feeds the reservoir that many batches.
+        per_batch = int(rows.item()) * int(getattr(pl_module.hparams, "accumulate_grad_batches", 1))
         batches = min(self.kmeans_collect_batches, self.warmup_steps)
         k = pl_module.quantizer.num_codes
         if per_batch * batches >= k:

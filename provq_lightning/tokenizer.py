@@ -70,9 +70,22 @@ class VQTokenizer(LightningModule):
             if mask is not None:
                 flat = flat[mask.reshape(-1).bool()]
             self.seeding_latents = flat
+            # The bypassed codebook gets a zero-weight term, so plain DDP (no
+            # find_unused_parameters) sees it used; on_before_optimizer_step drops its zeros.
+            idle = [p.sum() for p in self.quantizer.parameters() if p.requires_grad]
+            if idle:
+                out.loss = out.loss + torch.stack(idle).sum() * 0.0
             return out
         alpha = float(self.curriculum_alpha) if phase is Phase.TRANSITION else 0.0
         return self.quantizer(z, alpha=alpha, mask=mask)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The warmup's zero-weight codebook term (see quantize) exists for DDP's bookkeeping
+        # only: without a gradient the optimizer skips the codebook, as before that term (no
+        # weight decay, no Adam step count).
+        if self.training and self.phase is Phase.WARMUP:
+            for param in self.quantizer.parameters():
+                param.grad = None
 
     # -- codebook metrics -------------------------------------------------------------------
     @property

@@ -5,16 +5,25 @@ Encoder -> 1x1 conv to the code dim -> ``VectorQuantizer`` (driven by the
 back -> decoder. Losses: pixel L2 + LPIPS + the curriculum-weighted VQ loss, and a PatchGAN
 with hinge losses from ``disc_start``. Two optimizers under manual optimization.
 
-Step counting: the discriminator's optimizer is stepped through the raw torch optimizer, so
-Lightning's ``global_step`` counts training batches (one generator step each). ``max_steps``,
-checkpoint intervals and the curriculum schedules are therefore all in batches, as LlamaGen
-counts iterations. (Only bf16-mixed and fp32 precision are supported for that reason: fp16
-needs the grad scaler on both optimizers.)
+Step counting: under manual optimization Lightning's ``global_step`` counts the calls of
+``LightningOptimizer.step``; the discriminator's optimizer is stepped through the raw torch
+optimizer, so ``global_step`` counts generator optimizer steps. With
+``accumulate_grad_batches: N`` one optimizer step takes N batches, and ``max_steps``,
+checkpoint intervals, the curriculum, ``disc_start`` and the EMA all count optimizer steps (as
+LlamaGen counts iterations); Lightning's batch-counted settings (``val_check_interval``,
+``log_every_n_steps``, the x-axis of logged scalars) still count batches. (Only bf16-mixed and
+fp32 precision are supported: fp16 needs the grad scaler on both optimizers.)
+
+One backward pass per batch covers both nets (the GAN term reaches the generator only, the
+discriminator loss sees detached images), and idle parameters (the discriminator before
+``disc_start``, the quantizer in warmup) get zero-weight terms, so every backward reaches every
+parameter and plain ``strategy: ddp`` works without ``find_unused_parameters``.
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +47,11 @@ from provq_lightning.schedules import Phase
 from provq_lightning.tokenizer import VQTokenizer
 
 DISC_START_FROM = ("run", "quantization")
+
+
+def batch_images(batch: dict[str, Any]) -> int:
+    """Images in a batch; the ``batch_size_fn`` of Lightning's ``ThroughputMonitor``."""
+    return int(batch["image"].shape[0])
 
 
 class ImageTokenizer(VQTokenizer):
@@ -64,7 +78,16 @@ class ImageTokenizer(VQTokenizer):
         eval_lpips, eval_fid: LPIPS / rFID in validation (need local weights).
         fid_inception_path: FID Inception-V3 weights; default the torch hub cache.
         num_log_images: inputs vs reconstructions shown in TensorBoard per validation.
+        accumulate_grad_batches: batches per optimizer step (Lightning's own option is refused
+            under manual optimization); the loss of each batch is divided by it, as Lightning
+            does, and the last batch of an epoch steps even if its window is short.
+        compile: ``torch.compile`` the encoder and the decoder (in place: checkpoints keep
+            their keys); ``true`` uses the default backend (inductor), a string names another
+            ``torch.compile`` backend (``aot_eager``, ``cudagraphs``, ...).
     """
+
+    # No FLOP count: tells Lightning's ThroughputMonitor not to warn about it on every run.
+    flops_per_batch = None
 
     def __init__(
         self,
@@ -100,10 +123,19 @@ class ImageTokenizer(VQTokenizer):
         eval_fid: bool = True,
         fid_inception_path: str | None = None,
         num_log_images: int = 8,
+        accumulate_grad_batches: int = 1,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if disc_start_from not in DISC_START_FROM:
             raise ValueError(f"disc_start_from must be one of {DISC_START_FROM}")
+        if isinstance(accumulate_grad_batches, bool) or not (
+            isinstance(accumulate_grad_batches, int) and accumulate_grad_batches >= 1
+        ):
+            raise ValueError(
+                f"model.init_args.accumulate_grad_batches: {accumulate_grad_batches!r} is not "
+                "allowed; use an integer >= 1 (batches per optimizer step)"
+            )
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
         self.save_hyperparameters()
@@ -134,6 +166,13 @@ class ImageTokenizer(VQTokenizer):
         # Frozen pretrained nets are built in setup() and kept out of state_dict.
         self._frozen: dict[str, Any] = {}
         self._log_batch: dict[str, torch.Tensor] | None = None
+        # True between the first batch of an accumulation window and its optimizer step.
+        self._grads_pending = False
+        if compile:
+            # After the EMA copy, which stays eager (it only runs in evaluation swaps).
+            options = {"backend": compile} if isinstance(compile, str) else {}
+            self.encoder.compile(**options)
+            self.decoder.compile(**options)
 
     def _generator(self) -> nn.ModuleDict:
         return nn.ModuleDict(
@@ -194,7 +233,8 @@ class ImageTokenizer(VQTokenizer):
 
     # -- training ---------------------------------------------------------------------------
     def curriculum_step(self) -> int:
-        # One generator optimizer step per batch (the discriminator steps the raw optimizer).
+        # Generator optimizer steps (the discriminator steps the raw optimizer): one per batch,
+        # or one per accumulation window, whose batches all see the same step.
         return self.trainer.global_step
 
     def disc_active(self, step: int) -> bool:
@@ -211,9 +251,34 @@ class ImageTokenizer(VQTokenizer):
             return recon.new_zeros(())
         return self._frozen_on_device("lpips")(recon, target).mean()
 
+    def _window_ends(self, batch_idx: int) -> bool:
+        """Whether this batch closes its accumulation window (Lightning's rule: every N-th
+        batch of the epoch, and the epoch's last batch)."""
+        accumulate = self.hparams.accumulate_grad_batches
+        trainer = self.trainer
+        return (
+            accumulate == 1
+            or (batch_idx + 1) % accumulate == 0
+            or batch_idx + 1 == trainer.num_training_batches
+            or trainer.is_last_batch
+        )
+
+    def _grad_sync(self, sync: bool):
+        """DDP's ``no_sync`` for the batches inside a window: gradients are all-reduced once,
+        at the window's last backward (DDP reduces the accumulated ``.grad``)."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return nullcontext() if sync or block is None else block()
+
+    @staticmethod
+    def _touch(module: nn.Module) -> torch.Tensor:
+        """0 x the sum of a module's trainable parameters: a zero gradient for each, so that
+        DDP without ``find_unused_parameters`` sees every parameter used."""
+        params = [p.sum() for p in module.parameters() if p.requires_grad]
+        return torch.stack(params).sum() * 0.0
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        step = self.curriculum_step()
+        step = self.curriculum_step()  # optimizer steps: constant across a window
         if self.phase is not Phase.WARMUP and int(self.quantization_start) < 0:
             self.quantization_start.fill_(step)
             if self.ema is not None:  # k-means just replaced the codebook: restart the EMA
@@ -227,30 +292,36 @@ class ImageTokenizer(VQTokenizer):
         nll = hp.pixel_weight * pixel + hp.lpips_weight * perceptual
         loss = nll + self.vq_loss_weight * q.loss
         use_disc = self.disc_active(step)
-        gan = weight = x.new_zeros(())
+        gan = weight = d_loss = x.new_zeros(())
         if use_disc:
-            self.discriminator.requires_grad_(False)
+            self.discriminator.requires_grad_(False)  # the GAN term trains the generator only
             gan = hinge_g_loss(self.discriminator(x_hat))
             weight = x.new_ones(())
             if hp.adaptive_disc_weight:
                 weight = adaptive_weight(nll, gan, self.decoder.last_layer_weight)
             loss = loss + hp.disc_weight * weight * gan
             self.discriminator.requires_grad_(True)
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        self._clip(opt_g)
-        opt_g.step()
-        if self.ema is not None:
-            self._update_ema()
-        d_loss = x.new_zeros(())
-        if use_disc:
+            # Detached images: this loss trains the discriminator only.
             logits_real = self.discriminator(x.detach())
             logits_fake = self.discriminator(x_hat.detach())
             d_loss = hp.disc_weight * hinge_d_loss(logits_real, logits_fake)
+        total = loss + d_loss
+        if self.discriminator is not None and not use_disc:
+            total = total + self._touch(self.discriminator)
+        step_now = self._window_ends(batch_idx)
+        with self._grad_sync(step_now):
+            self.manual_backward(total / hp.accumulate_grad_batches)
+        self._grads_pending = not step_now
+        if step_now:
+            self._clip(opt_g)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self._update_ema()
+            if use_disc:
+                self._clip(opt_d)
+                opt_d.optimizer.step()  # raw step: global_step keeps counting generator steps
             opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            self._clip(opt_d)
-            opt_d.optimizer.step()  # raw step: global_step keeps counting batches
         if self.should_log_step():
             self.log_dict(
                 {
@@ -268,6 +339,16 @@ class ImageTokenizer(VQTokenizer):
                 batch_size=x.shape[0],
             )
         return loss.detach()
+
+    @property
+    def grads_pending(self) -> bool:
+        """True inside a gradient-accumulation window: a checkpoint now would lose gradients."""
+        return self._grads_pending
+
+    def on_validation_model_zero_grad(self) -> None:
+        # Lightning clears gradients before validation; inside a window they are still needed.
+        if not self._grads_pending:
+            super().on_validation_model_zero_grad()
 
     def _clip(self, optimizer) -> None:
         if self.hparams.grad_clip > 0:

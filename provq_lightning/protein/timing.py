@@ -1,4 +1,5 @@
-"""``FitTimeCallback``: CPU and wall seconds of a fit, written to ``<log_dir>/timing.json``.
+"""``FitTimeCallback``: CPU and wall seconds of a fit, written to ``<log_dir>/timing.json``;
+the chain and residue counts that Lightning's ``ThroughputMonitor`` turns into residues/s.
 
 The comparison tables report the compute each run took next to its metrics. CPU time is the
 process's (all threads: torch's intra-op pool included; data loading runs in-process with
@@ -53,3 +54,14 @@ class FitTimeCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.prior_cpu_s = float(state_dict.get("cpu_s", 0.0))
         self.prior_wall_s = float(state_dict.get("wall_s", 0.0))
+
+
+def batch_chains(batch: dict[str, Any]) -> int:
+    """Chains in a batch: the ``batch_size_fn`` of Lightning's ``ThroughputMonitor``."""
+    return int(batch["residue_mask"].shape[0])
+
+
+def batch_residues(batch: dict[str, Any]) -> int:
+    """Real (unpadded) residues in a batch: the ``length_fn`` of ``ThroughputMonitor``, whose
+    ``items_per_sec`` is then residues/s."""
+    return int(batch["residue_mask"].sum())

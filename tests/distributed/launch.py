@@ -100,7 +100,11 @@ def fit(argv: list[str], log: Path, timeout: float = 240) -> int:
 
 
 def ddp_fit(
-    argv: list[str], logs: Sequence[Path], mode: str = "devices2", timeout: float = 240
+    argv: list[str],
+    logs: Sequence[Path],
+    mode: str = "devices2",
+    timeout: float = 240,
+    strategy: str = "ddp_find_unused_parameters_true",
 ) -> list[int]:
     """``provq-fit`` with ``argv`` as 2 gloo DDP processes (``mode`` in ``LAUNCH_MODES``).
 
@@ -114,8 +118,7 @@ def ddp_fit(
         "--trainer.accelerator=cpu",
         f"--trainer.devices={devices}",
         f"--trainer.num_nodes={nodes}",
-        # The quantizer idles during warmup: DDP must not expect a gradient for it.
-        "--trainer.strategy=ddp_find_unused_parameters_true",
+        f"--trainer.strategy={strategy}",
     ]
     port = free_port()
     procs = []
