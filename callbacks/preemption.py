@@ -171,6 +171,10 @@ class PreemptionCheckpoint(Callback):
         # signal reaches them at different steps.
         if not trainer.strategy.reduce_boolean_decision(self.signal_received, all=False):
             return
+        if getattr(pl_module, "grads_pending", False):
+            # Inside a gradient-accumulation window (same on every rank): the pending gradients
+            # are not in a checkpoint, so save at the window's optimizer step instead.
+            return
         if 0 < trainer.max_steps <= trainer.global_step:
             rank_zero_info(
                 f"[provq] preemption: {self.signal.name} at the last step: finishing the run"

@@ -287,3 +287,50 @@ def test_sigusr1_saves_at_step_boundary_requeues_and_redoes_nothing(
     assert first == list(range(step)) and second == list(range(step, 300))
     assert json.loads((run_dir / "exit_status.json").read_text())["exit_code"] == 0
     assert_same_metrics(run_dir, smoke_sweep / "provq-seed0")
+
+
+def test_real_time_limit_preemption_redoes_nothing(slurm_env, smoke_sweep, tmp_path):
+    """A task that meets its real SLURM time limit: slurmctld sends the ``--signal`` warning,
+    provq saves at the step boundary and requeues; every start continues where the last one
+    stopped, and the result equals the uninterrupted task's.
+
+    Opt-in (PROVQ_SLURM_TIME_LIMIT=1): SLURM's limits are whole minutes and it checks them every
+    30 s, so this costs two to four minutes.
+    """
+    if os.environ.get("PROVQ_SLURM_TIME_LIMIT") != "1":
+        pytest.skip("a real SLURM time limit costs minutes; PROVQ_SLURM_TIME_LIMIT=1 runs it")
+    smoke = yaml.safe_load(SMOKE.read_text())
+    task = dict(smoke["grid"]["variant"]["provq"])
+    task.update({k: 0 if v == "{seed}" else v for k, v in smoke["overrides"].items()})
+    task = yaml.safe_load(yaml.safe_dump(task))
+    task["trainer.callbacks"][1]["init_args"]["every_n_train_steps"] = 1000  # after the end
+    # 0.2 s a step: 300 steps outlast the warning, which comes 20-50 s after a start (limit
+    # 2 minutes, warning 100 s before it, checked every 30 s).
+    task["trainer.callbacks"].append(
+        {"class_path": "tests.core.helpers.SlowSteps", "init_args": {"seconds": 0.2}}
+    )
+    task["trainer.log_every_n_steps"] = 1
+    sweep = {
+        "name": "timed",
+        "tasks": [{"name": "timed", **task}],
+        "env": {"PYTHONPATH": str(REPO)},
+        "slurm": {**smoke["slurm"], "time": "00:02:00", "signal": "SIGUSR1@100"},
+    }
+    path = tmp_path / "timed.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    out = tmp_path / "out"
+    job = job_id(provq_sweep(slurm_env, "submit", str(path), "--out", str(out)).stdout)
+    wait_for(job, slurm_env, out, timeout=600)
+    (log_path,) = (out / "slurm").glob("*.out")
+    log = log_path.read_text()
+    run_dir = out / "timed"
+    saved = [int(s) for s in re.findall(r"\[provq\] preemption: saved \S+ at step (\d+)", log)]
+    assert saved, log[-3000:]  # the time limit's warning arrived mid-run at least once
+    assert "DUE TO TIME LIMIT" not in log, log[-3000:]  # never killed by the limit itself
+    # Each start logged the steps from where the previous one saved: nothing redone or lost.
+    starts = steps_of_each_file(run_dir)
+    assert len(starts) == len(saved) + 1
+    assert [s[0] for s in starts] == [0, *saved]
+    assert sum(starts, []) == list(range(300))
+    assert json.loads((run_dir / "exit_status.json").read_text())["exit_code"] == 0
+    assert_same_metrics(run_dir, smoke_sweep / "provq-seed0")

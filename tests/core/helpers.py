@@ -132,3 +132,18 @@ class KillAtStep(Callback):
         if trainer.global_step == self.step:
             trainer.strategy.barrier("kill_at_step")
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SlowSteps(Callback):
+    """Sleep ``seconds`` after every training step: a short run then lasts long enough to meet
+    a real SLURM time limit. The trajectory is unchanged (sleeping touches no state)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        import time
+
+        time.sleep(self.seconds)
