@@ -10,7 +10,9 @@ Output formats (``--format``), each with ``meta.json`` (format, number of codes,
 
 - ``npy``: ``codes/<key>.npy`` per item plus ``index.jsonl`` (key, file, shape per line);
 - ``wds``: webdataset shards ``codes-000000.tar`` of ``<key>.npy`` members plus ``index.json``;
-- ``fasta``: one ``codes.fasta`` with ``>key`` then the space-separated ids (flattened).
+- ``fasta``: one ``codes.fasta`` with ``>key`` then the space-separated ids (flattened);
+- ``llamagen`` (images): LlamaGen's ``imagenet<S>_codes/<n>.npy`` and ``_labels/<n>.npy``
+  (``provq_lightning.image.llamagen_codes``), with ``--ten-crop`` as LlamaGen's option.
 
     provq-tokenize --ckpt runs/x/v/checkpoints/last.ckpt --out runs/x/v/tokens --format npy
     provq-decode --ckpt runs/x/v/checkpoints/last.ckpt --tokens runs/x/v/tokens --out recon/
@@ -42,6 +44,7 @@ from provq_lightning.errors import ProvqError
 from provq_lightning.token_reader import FORMATS, RETOKENIZE, read_codes, read_meta
 
 SPLITS = ("predict", "val", "test", "train")
+LLAMAGEN = "llamagen"  # written by provq-tokenize only: LlamaGen's layout, not read back
 
 
 # -- building the model and data from a run --------------------------------------------------
@@ -206,15 +209,28 @@ def decode_main(argv: list[str] | None = None) -> None:
 def _tokenize(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="provq-tokenize", description=__doc__.split("\n")[0])
     _common(parser)
-    parser.add_argument("--format", choices=FORMATS, default="npy")
+    parser.add_argument("--format", choices=(*FORMATS, LLAMAGEN), default="npy",
+                        help="llamagen: the numbered .npy codes and labels LlamaGen's c2i GPT "
+                        "reads (images only; see provq_lightning.image.llamagen_codes)")
     parser.add_argument("--split", choices=SPLITS, default="predict",
                         help="which dataloader of the datamodule (predict: the whole "
                         "training set, deterministic crops)")
     parser.add_argument("--data-config", type=Path,
                         help="a YAML whose data: section replaces the run's (another dataset)")
     parser.add_argument("--shard-size", type=int, default=10000, help="items per wds shard")
+    parser.add_argument("--ten-crop", action="store_true", help="--format llamagen: the ten "
+                        "crops of a centre crop of image_size x --crop-range (LlamaGen's "
+                        "--ten-crop) instead of the centre crop and its flip")
+    parser.add_argument("--crop-range", type=float, default=1.1,
+                        help="--format llamagen --ten-crop: the enlarged centre crop (1.1)")
     args = parser.parse_args(argv)
+    if args.ten_crop and args.format != LLAMAGEN:
+        raise ProvqError("--ten-crop only applies to --format llamagen; drop it or add "
+                         "--format llamagen")
     model, cfg = load_run(args.ckpt, args.config, args.data_config, args.device)
+    if args.format == LLAMAGEN:
+        _tokenize_llamagen(args, model, cfg)
+        return
     loader, _ = dataloader(cfg, args.split)
     writer = CodeWriter(args.out, args.format, code_dtype(model.quantizer.num_codes),
                         args.shard_size)
@@ -231,6 +247,47 @@ def _tokenize(argv: list[str] | None) -> None:
     writer.close({"num_codes": model.quantizer.num_codes, "checkpoint": str(args.ckpt),
                   "model": cfg["model"]["class_path"], "split": args.split})
     print(f"wrote codes of {writer.count} items to {args.out} ({args.format})")
+
+
+def _tokenize_llamagen(args: argparse.Namespace, model: LightningModule,
+                       cfg: dict[str, Any]) -> None:
+    """``--format llamagen``: views of each image -> LlamaGen's numbered code/label files."""
+    from provq_lightning.image import llamagen_codes
+
+    data = cfg.get("data") or {}
+    size = (data.get("init_args") or {}).get("image_size")
+    if not isinstance(size, int):
+        raise ProvqError("--format llamagen needs an image datamodule with init_args.image_size "
+                         f"(the crop size); the data config has {size!r}; pass --data-config")
+    if args.ten_crop:
+        source = llamagen_codes.ten_crop_source_size(size, args.crop_range)
+        if source < size:
+            raise ProvqError(f"--crop-range {args.crop_range} is below 1; the ten {size}px "
+                             "crops are cut from a larger centre crop: use e.g. 1.1")
+        init_args = {**data["init_args"], "image_size": source}
+        cfg = {**cfg, "data": {**data, "init_args": init_args}}
+    loader, _ = dataloader(cfg, args.split)
+    writer = llamagen_codes.LlamaGenCodeWriter(args.out, size)
+    if "flip" not in str(args.out):
+        print("provq-tokenize: warning: LlamaGen's CustomDataset keeps one random view per "
+              f"image only when its code path contains 'flip'; {args.out} does not (name it "
+              "like imagenet_code_c2i_flip_ten_crop)", file=sys.stderr)
+    with Progress() as progress, torch.inference_mode():
+        task = progress.add_task("tokenizing", total=args.limit)
+        for batch in loader:
+            for key, label, codes in llamagen_codes.tokenize_views(model, batch, size,
+                                                                   args.ten_crop):
+                if args.limit is not None and writer.count >= args.limit:
+                    break
+                writer.add(key, label, codes)
+                progress.advance(task)
+            if args.limit is not None and writer.count >= args.limit:
+                break
+    writer.close({"num_codes": model.quantizer.num_codes, "checkpoint": str(args.ckpt),
+                  "model": cfg["model"]["class_path"], "split": args.split,
+                  "ten_crop": args.ten_crop, "image_size": size})
+    print(f"wrote LlamaGen codes of {writer.count} images to {args.out} "
+          f"({writer.codes_dir.name}, {writer.labels_dir.name})")
 
 
 def _decode(argv: list[str] | None) -> None:

@@ -42,6 +42,7 @@ from provq_lightning.image.metrics import ReconstructionMetrics
 from provq_lightning.image.pretrained import build_fid_inception, build_lpips
 from provq_lightning.image.transforms import to_model_range, to_uint8_image
 from provq_lightning.image.vqgan import Decoder, Encoder
+from provq_lightning.image_log import log_figure
 from provq_lightning.quantizer import VectorQuantizer
 from provq_lightning.schedules import Phase
 from provq_lightning.tokenizer import VQTokenizer
@@ -77,13 +78,17 @@ class ImageTokenizer(VQTokenizer):
         ema_decay: keep an EMA of the generator weights and evaluate with it (None = off).
         eval_lpips, eval_fid: LPIPS / rFID in validation (need local weights).
         fid_inception_path: FID Inception-V3 weights; default the torch hub cache.
-        num_log_images: inputs vs reconstructions shown in TensorBoard per validation.
+        num_log_images: inputs vs reconstructions shown per validation (every logger).
         accumulate_grad_batches: batches per optimizer step (Lightning's own option is refused
             under manual optimization); the loss of each batch is divided by it, as Lightning
             does, and the last batch of an epoch steps even if its window is short.
         compile: ``torch.compile`` the encoder and the decoder (in place: checkpoints keep
             their keys); ``true`` uses the default backend (inductor), a string names another
             ``torch.compile`` backend (``aot_eager``, ``cudagraphs``, ...).
+        init_from: start from a LlamaGen VQ checkpoint: ``llamagen:PATH`` (its ``model``
+            weights) or ``llamagen-ema:PATH`` (its ``ema`` weights); the shape arguments must
+            match it (``from_llamagen`` reads them from the file). See
+            ``provq_lightning.image.llamagen``.
     """
 
     # No FLOP count: tells Lightning's ThroughputMonitor not to warn about it on every run.
@@ -125,6 +130,7 @@ class ImageTokenizer(VQTokenizer):
         num_log_images: int = 8,
         accumulate_grad_batches: int = 1,
         compile: bool | str = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if disc_start_from not in DISC_START_FROM:
@@ -168,11 +174,39 @@ class ImageTokenizer(VQTokenizer):
         self._log_batch: dict[str, torch.Tensor] | None = None
         # True between the first batch of an accumulation window and its optimizer step.
         self._grads_pending = False
+        if init_from:
+            self._init_from_llamagen(init_from)
         if compile:
             # After the EMA copy, which stays eager (it only runs in evaluation swaps).
             options = {"backend": compile} if isinstance(compile, str) else {}
             self.encoder.compile(**options)
             self.decoder.compile(**options)
+
+    @classmethod
+    def from_llamagen(
+        cls, path: str | Path, weights: str = "model", **overrides: Any
+    ) -> ImageTokenizer:
+        """An ``ImageTokenizer`` holding a LlamaGen VQ-8 / VQ-16 checkpoint, in eval mode.
+
+        The network's shape comes from the file; ``overrides`` set any other argument (loss
+        weights, ``eval_fid``, ...). ``weights``: the checkpoint's ``"model"`` (default, what
+        LlamaGen's own scripts load) or ``"ema"``.
+        """
+        from provq_lightning.image import llamagen
+
+        path = Path(path)
+        payload = llamagen.read_checkpoint(path)
+        arch = llamagen.infer_architecture(llamagen.select_weights(payload, path, weights), path)
+        model = cls(**{**arch, **llamagen.FIXED_ARGS, **overrides})
+        llamagen.load_into(model, payload, path, weights)
+        return model.eval()
+
+    def _init_from_llamagen(self, spec: str) -> None:
+        from provq_lightning.image import llamagen
+
+        path, weights = llamagen.parse_init_from(spec)
+        payload = llamagen.read_checkpoint(path)
+        llamagen.load_into(self, payload, path, weights, where="model.init_args.")
 
     def _generator(self) -> nn.ModuleDict:
         return nn.ModuleDict(
@@ -441,17 +475,9 @@ class ImageTokenizer(VQTokenizer):
         super().on_test_epoch_end()
         self._finish_eval("test")
 
-    def _tensorboard(self):
-        logger = self.logger
-        if logger is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return None
-        experiment = getattr(logger, "experiment", None)
-        return experiment if hasattr(experiment, "add_image") else None
-
     def _log_images(self, prefix: str) -> None:
-        board, batch = self._tensorboard(), self._log_batch
-        self._log_batch = None
-        if board is None or batch is None:
+        batch, self._log_batch = self._log_batch, None
+        if batch is None:
             return
         from torchvision.utils import make_grid
 
@@ -459,7 +485,8 @@ class ImageTokenizer(VQTokenizer):
 
         pairs = torch.stack([batch["input"], batch["recon"]], dim=1).flatten(0, 1)
         grid = make_grid(to_unit_range(pairs), nrow=2, padding=2)
-        board.add_image(f"{prefix}/input_vs_reconstruction", grid, self.global_step)
+        # Every logger (rank 0, not in the sanity check): TensorBoard/W&B/MLflow images, PNGs else.
+        log_figure(self, f"{prefix}/input_vs_reconstruction", grid)
 
     # -- tokenize / decode hooks (provq-tokenize, provq-decode) ---------------------------
     @torch.no_grad()
