@@ -6,7 +6,7 @@ IMAGE_RUNS ?= runs
 IMAGE_FIT_ARGS := --trainer.logger.init_args.save_dir $(IMAGE_RUNS) \
 	--trainer.logger.init_args.version sample --trainer.enable_progress_bar false
 
-.PHONY: image-shards image-sample image-test image-bench
+.PHONY: image-shards image-sample image-test image-bench image-rfid
 
 # Shards of the shared photos (what ImageNetDataModule and the loader benchmark read).
 image-shards: $(STAMP)
@@ -30,3 +30,14 @@ image-test: $(STAMP)
 
 image-bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_image.py
+
+# rFID as the paper reports it (docs/images.md#rfid-as-the-paper-reports-it):
+#   make image-rfid RFID_CKPT=<run>/checkpoints/last.ckpt RFID_DATA=/data/imagenet/val
+# writes $(RFID_OUT)/reference.npz, reconstructions.npz (ADM sample batches) and rfid.json.
+RFID_DATA ?= $(IMAGE_DATA)
+RFID_OUT ?= $(IMAGE_RUNS)/rfid
+RFID_ARGS ?=
+image-rfid: $(STAMP)
+	@test -n "$(RFID_CKPT)" || { echo "make image-rfid: set RFID_CKPT=<run>/checkpoints/last.ckpt"; exit 2; }
+	$(BIN)/python -m provq_lightning.image.rfid --ckpt $(RFID_CKPT) --data $(RFID_DATA) \
+		--out $(RFID_OUT) $(RFID_ARGS)

@@ -138,7 +138,8 @@ class FIDInception(nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
+        # The weights' dtype, not always float32: the parity test runs the net in float64.
+        x = images.to(self.net.Conv2d_1a_3x3.conv.weight.dtype)
         if x.shape[-2:] != (299, 299):
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2.0 * x - 1.0
