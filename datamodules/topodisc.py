@@ -134,3 +134,10 @@ class TopoDiscDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The training points in order as ``(x, labels, index)``: the index keys their codes
+        (``provq-fit predict``, ``provq-tokenize``)."""
+        points, labels = self.train_set.tensors
+        indexed = TensorDataset(points, labels, torch.arange(len(points)))
+        return DataLoader(indexed, batch_size=self._full(indexed), shuffle=False)

@@ -1,13 +1,16 @@
 """``provq-fit``: the Lightning CLI for every provq tokenizer.
 
 ``provq-fit --config X.yaml`` fits (the ``fit`` subcommand is implied);
-``provq-fit validate|test --config X.yaml --ckpt_path ...`` evaluate. Model and data are given
-by ``class_path``/``init_args`` in the config, so any provq tokenizer and datamodule work.
+``provq-fit validate|test --config X.yaml --ckpt_path ...`` evaluate;
+``provq-fit predict --config X.yaml --ckpt_path ...`` writes codes as ``provq-tokenize`` does.
+Model and data are given by ``class_path``/``init_args`` in the config, so any provq tokenizer
+and datamodule work; ``--curriculum.<setting>`` overrides ProVQ's curriculum.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -15,17 +18,23 @@ from typing import Any
 
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from callbacks.metrics_json import MetricsJsonCallback
 from callbacks.nonfinite import NonFiniteGuard
+from callbacks.prediction_writer import CodePredictionWriter
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.resume import ResumeCallback
 from provq_lightning.checkpoint_check import check_checkpoint_file
 from provq_lightning.checkpoint_io import AtomicCheckpointIO
+from provq_lightning.curriculum_args import (
+    ProvqArgumentParser,
+    add_curriculum_arguments,
+    apply_curriculum_overrides,
+)
 from provq_lightning.errors import ProvqError
 from provq_lightning.run_dir import (
     LAST_CHECKPOINT,
@@ -36,6 +45,26 @@ from provq_lightning.run_dir import (
 )
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+DESCRIPTION = (
+    "provq-fit: train and evaluate vector-quantized tokenizers with Progressive Quantization "
+    "(ProVQ) on PyTorch Lightning. 'provq-fit --config X.yaml' fits (the fit subcommand is "
+    "implied); validate, test and predict (writes codes like provq-tokenize) take --ckpt_path. "
+    "'--ckpt_path last' resumes a fit; '--curriculum.<setting>' overrides the curriculum."
+)
+
+
+def version_text() -> str:
+    """provq's version and the torch / Lightning it runs on (``provq-fit --version``)."""
+    import lightning
+    import torch
+
+    try:
+        provq = importlib.metadata.version("provq")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout that was not installed
+        provq = "unknown (not installed)"
+    return f"{provq} (torch {torch.__version__}, lightning {lightning.__version__})"
+
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -141,9 +170,26 @@ class ProvqCLI(LightningCLI):
             # A requeued or resumed run writes into the same directory: not an error.
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
+            # --curriculum.* is merged into trainer.callbacks while parsing (see curriculum_args).
+            parser_class=ProvqArgumentParser,
+            parser_kwargs={"prog": "provq-fit", "description": DESCRIPTION,
+                           "version": version_text()},
             args=args,
             run=run,
         )
+
+    def add_arguments_to_parser(self, parser: ProvqArgumentParser) -> None:
+        add_curriculum_arguments(parser)
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        # Lightning's --optimizer/--lr_scheduler replace the model's configure_optimizers with
+        # one optimizer; refuse, in one line, the cases where that cannot work.
+        check_optimizer_args(
+            self.model,
+            self._get(self.config_init, "optimizer"),
+            self._get(self.config_init, "lr_scheduler"),
+        )
+        super()._add_configure_optimizers_method_to_model(subcommand)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's CLI loads the whole checkpoint here to overlay its saved hyper-parameters
@@ -156,8 +202,16 @@ class ProvqCLI(LightningCLI):
             check_checkpoint_file(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            # Merged while parsing already; again here in case parsing skipped the hook.
+            apply_curriculum_overrides(self.config[self.subcommand])
         if self.subcommand == "fit":
             self._resolve_last_checkpoint(self.config["fit"])
+        predict = self.config.get("predict") if self.subcommand == "predict" else None
+        if predict is not None and predict.get("return_predictions") is None:
+            # The writer saves the codes; keeping every batch's codes in memory too could
+            # exhaust it on a large dataset, and the CLI discards them anyway.
+            predict["return_predictions"] = False
 
     @staticmethod
     def _resolve_last_checkpoint(config: Any) -> None:
@@ -222,7 +276,33 @@ class ProvqCLI(LightningCLI):
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in configured):
             extra.append(RichProgressBar())
+        # predict writes codes (the files provq-tokenize writes) unless the config has a writer.
+        if self.subcommand == "predict" and not any(
+            isinstance(c, BasePredictionWriter) for c in configured
+        ):
+            extra.append(CodePredictionWriter())
         return self._instantiate_trainer(config, extra)
+
+
+def check_optimizer_args(model: LightningModule, optimizer: Any, lr_scheduler: Any) -> None:
+    """Refuse ``--optimizer`` / ``--lr_scheduler`` where Lightning's replacement cannot work."""
+    if optimizer is None and lr_scheduler is None:
+        return
+    name = type(model).__name__
+    own = [f"--model.init_args.{k}" for k in ("lr", "betas", "weight_decay", "lr_warmup_steps")
+           if k in getattr(model, "hparams", {})]
+    instead = f"set {', '.join(own)} instead" if own else "configure the model's own optimizer"
+    if not model.automatic_optimization:
+        raise ProvqError(
+            f"--optimizer/--lr_scheduler cannot be used with {name}: it steps its own optimizers "
+            f"under manual optimization (built in its configure_optimizers); {instead}"
+        )
+    if optimizer is None:
+        raise ProvqError(
+            f"--lr_scheduler needs --optimizer: a scheduler steps an optimizer, and {name} "
+            f"builds its own in configure_optimizers (Lightning would drop the scheduler); give "
+            f"--optimizer too, or {instead}"
+        )
 
 
 def normalize_argv(argv: list[str]) -> list[str]:

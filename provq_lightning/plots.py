@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless clusters and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
@@ -45,3 +46,27 @@ def embedding_figure(
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=3, fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
+
+
+def counts_figure(counts: torch.Tensor, title: str = "") -> plt.Figure:
+    """A bar per bin (e.g. uses per code): dead and over-used codes show at a glance."""
+    counts = counts.detach().float().cpu()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(range(len(counts)), counts.numpy(), width=1.0, color="tab:blue")
+    ax.set_xlabel("code")
+    ax.set_ylabel("uses")
+    ax.set_xlim(-0.5, len(counts) - 0.5)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def figure_pixels(fig: plt.Figure) -> np.ndarray:
+    """The figure rendered as an (H, W, 3) uint8 array."""
+    fig.canvas.draw()
+    return np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+
+
+def close_figure(fig: plt.Figure) -> None:
+    """Free a figure pyplot still tracks (every figure made by ``plt.subplots`` is)."""
+    plt.close(fig)

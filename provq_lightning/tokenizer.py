@@ -7,10 +7,14 @@ held here; the state lives in buffers, so checkpoints carry it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.pytorch import LightningModule
 
 from provq_lightning.codebook_metrics import CodebookUsage, mean_pairwise_distance
+from provq_lightning.errors import ProvqError
+from provq_lightning.image_log import log_histogram
 from provq_lightning.quantizer import QuantizerOutput, VectorQuantizer
 from provq_lightning.schedules import Phase
 
@@ -121,15 +125,10 @@ class VQTokenizer(LightningModule):
         self.codebook_usage.reset()
 
     def _log_usage_histogram(self, prefix: str) -> None:
-        # Uses per code: the shape shows dead and over-used codes at a glance in TensorBoard.
+        # Uses per code: the shape shows dead and over-used codes at a glance. Computed on every
+        # rank (a collective); log_histogram itself logs on rank 0 only, to every logger.
         counts = self.codebook_usage.compute()["histogram"].float().cpu()
-        board = getattr(self.logger, "experiment", None)
-        if (
-            self.trainer.is_global_zero
-            and not self.trainer.sanity_checking
-            and hasattr(board, "add_histogram")
-        ):
-            board.add_histogram(f"{prefix}/code_usage", counts, self.global_step)
+        log_histogram(self, f"{prefix}/code_usage", counts)
 
     def on_validation_epoch_start(self) -> None:
         self.codebook_usage.reset()
@@ -142,3 +141,15 @@ class VQTokenizer(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_codebook_metrics("test")
+
+    # -- provq-fit predict --------------------------------------------------------------------
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """``(key, codes)`` per item of a batch, from the model's ``tokenize_batch`` (the hook
+        ``provq-tokenize`` uses), for ``callbacks.prediction_writer.CodePredictionWriter``."""
+        tokenize = getattr(self, "tokenize_batch", None)
+        if not callable(tokenize):
+            raise ProvqError(
+                f"{type(self).__name__} has no tokenize_batch(batch) -> [(key, codes)], so "
+                "provq-fit predict has nothing to write; implement it (see VQTokenizer)"
+            )
+        return tokenize(batch)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanSquaredError
 
 from datamodules.topodisc import COMPONENT_NAMES
+from provq_lightning.image_log import log_figure
 from provq_lightning.plots import embedding_figure
 from provq_lightning.quantizer import VectorQuantizer
 from provq_lightning.tokenizer import VQTokenizer
@@ -27,8 +31,9 @@ class TopoDiscTokenizer(VQTokenizer):
 
     Validation reports the hard-quantized reconstruction error per component
     (``val/mse_disk``, ``val/mse_triangle``) and overall (``val/mse``), plus the codebook
-    metrics, and at validations on a multiple of ``figure_every_n_steps`` a TensorBoard figure of
-    the encoder embeddings with the codebook on top.
+    metrics, and at validations on a multiple of ``figure_every_n_steps`` a figure of the encoder
+    embeddings with the codebook on top (an image in TensorBoard, W&B or MLflow; a PNG under the
+    run's ``images/`` with other loggers).
     """
 
     def __init__(
@@ -114,8 +119,7 @@ class TopoDiscTokenizer(VQTokenizer):
             every > 0
             and not self.trainer.sanity_checking
             and self.global_step % every == 0
-            and self.logger is not None
-            and hasattr(self.logger.experiment, "add_figure")
+            and len(self.loggers) > 0  # any logger: log_figure writes PNGs for those without images
         )
 
     def _log_figure(self) -> None:
@@ -131,7 +135,36 @@ class TopoDiscTokenizer(VQTokenizer):
                 self.quantizer.codebook().detach().cpu(),
                 title=f"step {self.global_step} ({self.phase.name.lower()})",
             )
-            self.logger.experiment.add_figure("val/embeddings", fig, self.global_step)
+            log_figure(self, "val/embeddings", fig)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    # -- tokenize / decode hooks (provq-tokenize, provq-decode, provq-fit predict) --------------
+    @torch.no_grad()
+    def tokenize_batch(self, batch: tuple[torch.Tensor, ...]) -> list[tuple[str, torch.Tensor]]:
+        """``(point index, its code id as a 0-d int64 tensor)`` per point; the index comes from
+        the datamodule's predict loader (``(x, labels, index)``), else the position in the batch.
+        """
+        x = batch[0].to(self.device)
+        index = batch[2] if len(batch) > 2 else torch.arange(len(x))
+        was_training = self.training
+        self.eval()
+        try:
+            codes = self.quantizer(self.encoder(x), alpha=0.0).indices.cpu()
+        finally:
+            self.train(was_training)
+        return [(f"{int(i):06d}", codes[n]) for n, i in enumerate(index)]
+
+    @torch.no_grad()
+    def decode_tokens_to_file(self, key: str, codes: torch.Tensor, out_dir: Path) -> Path:
+        """Write the decoded 2-D point(s) of code id(s) to ``out_dir/<key>.npy`` (float32)."""
+        codes = torch.as_tensor(codes, device=self.device).long()
+        k = self.quantizer.num_codes
+        if codes.numel() == 0 or int(codes.min()) < 0 or int(codes.max()) >= k:
+            raise ValueError(f"code ids must lie in [0, {k}); got shape {tuple(codes.shape)}")
+        points = self.decoder(self.quantizer.lookup(codes)).float().cpu().numpy()
+        path = Path(out_dir) / f"{key}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, points, allow_pickle=False)
+        return path

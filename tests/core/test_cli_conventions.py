@@ -1,0 +1,227 @@
+"""provq-fit as LightningCLI users expect it: --version, --help, the --curriculum.* argument
+group, --optimizer / --lr_scheduler, and ``provq-fit predict`` writing the files
+``provq-tokenize`` writes, for the TopoDisc, image and protein tokenizers."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import sys
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+import yaml
+
+from provq_lightning.tokenize_cli import tokenize_main
+from tests.core.test_cli import CONFIG, cli_in_process
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def provq_fit(*args: str) -> None:
+    """``provq-fit`` in this process; a failure (non-zero exit) fails the test."""
+    from provq_lightning.cli import main
+
+    argv = sys.argv
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        assert not exit_.code, f"provq-fit {' '.join(args)} exited with {exit_.code}"
+    finally:
+        sys.argv = argv
+
+
+def fit_yaml(cfg: dict, out: Path) -> Path:
+    cfg["trainer"].update(enable_progress_bar=False, enable_model_summary=False)
+    path = out / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def predict_then_compare_with_tokenize(run: Path, tmp: Path, fmt: str = "npy") -> dict:
+    """``provq-fit predict`` on a run's config and last.ckpt; its files must be byte-identical
+    to ``provq-tokenize``'s of the same checkpoint. Returns the tokenize output's files."""
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    config = str(run / "config.yaml")
+    tokens = tmp / "tokens"
+    tokenize_main(["--ckpt", ckpt, "--config", config, "--out", str(tokens), "--format", fmt,
+                   "--device", "cpu"])
+    args = ["predict", "--config", config, "--ckpt_path", ckpt]
+    if fmt == "npy":
+        predictions = run / "predictions"  # the default: <run dir>/predictions
+    else:  # a writer in the config (or on the command line) replaces the default one
+        predictions = tmp / "configured"
+        args += ["--trainer.callbacks+=callbacks.prediction_writer.CodePredictionWriter",
+                 "--trainer.callbacks.output_dir", str(predictions),
+                 "--trainer.callbacks.format", fmt]
+    provq_fit(*args)
+    if fmt != "npy":
+        assert not (run / "predictions").exists()  # the configured writer only
+    expected = tree(tokens)
+    assert "meta.json" in expected and tree(predictions) == expected
+    return expected
+
+
+# -- --version, --help ---------------------------------------------------------------------
+def test_version_names_provq_torch_and_lightning(capsys):
+    code, out, err = cli_in_process(capsys, "--version")
+    assert code == 0, err
+    assert out.startswith("provq-fit ")
+    assert importlib.metadata.version("provq") in out
+    assert torch.__version__ in out and lightning.__version__ in out
+
+
+def test_help_describes_provq(capsys):
+    code, out, _ = cli_in_process(capsys, "--help")
+    text = " ".join(out.split())  # argparse wraps lines
+    assert code == 0 and "Progressive Quantization (ProVQ)" in text and "predict" in text
+    assert "Lightning Trainer command line tool" not in text  # LightningCLI's default
+    code, out, _ = cli_in_process(capsys, "fit", "--help")
+    assert code == 0 and "--curriculum.warmup_steps" in out
+
+
+# -- the curriculum argument group ------------------------------------------------------
+def printed(capsys, *args: str) -> dict:
+    code, out, err = cli_in_process(capsys, *args, "--print_config")
+    assert code == 0, err[-2000:]
+    return yaml.safe_load(out)
+
+
+def test_curriculum_group_overrides_the_configured_callback(capsys):
+    cfg = printed(capsys, "--config", CONFIG, "--curriculum.warmup_steps", "5000",
+                  "--curriculum.schedule", "linear")
+    curriculum, checkpoint = cfg["trainer"]["callbacks"]
+    assert curriculum["class_path"] == "callbacks.curriculum.CurriculumCallback"
+    args = curriculum["init_args"]
+    assert (args["warmup_steps"], args["schedule"]) == (5000, "linear")
+    assert (args["transition_steps"], args["lam"]) == (1000, 0.5)  # the config's, untouched
+    assert checkpoint["init_args"]["every_n_train_steps"] == 250  # the list is not restated
+    # Effective values live in one place: the group itself is emptied once merged.
+    assert set(cfg["curriculum"].values()) == {None}
+
+
+def test_curriculum_group_adds_a_callback_to_a_config_without_one(tmp_path, capsys):
+    config = tmp_path / "plain.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"class_path": "provq_lightning.topodisc.TopoDiscTokenizer"},
+        "data": {"class_path": "datamodules.topodisc.TopoDiscDataModule"},
+        "curriculum": {"warmup_steps": 7, "kmeans_init": False},  # a config file section works
+    }))
+    cfg = printed(capsys, "--config", str(config))
+    (callback,) = cfg["trainer"]["callbacks"]
+    assert callback["class_path"] == "callbacks.curriculum.CurriculumCallback"
+    assert callback["init_args"]["warmup_steps"] == 7
+    assert callback["init_args"]["kmeans_init"] is False
+    assert callback["init_args"]["schedule"] == "cosine"  # CurriculumCallback's default
+
+
+@pytest.mark.parametrize(("key", "value"), [("schedule", "cosin"), ("lam", "1.5")])
+def test_bad_curriculum_group_value_is_one_line_before_training(tmp_path, capsys, key, value):
+    code, out, err = cli_in_process(capsys, "--config", CONFIG, f"--curriculum.{key}", value,
+                                    "--trainer.logger.init_args.save_dir", str(tmp_path))
+    assert code == 1 and "Epoch" not in out
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"provq-fit: error: CurriculumCallback {key}: ") and value in line
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+# -- --optimizer / --lr_scheduler -------------------------------------------------------
+def test_optimizer_args_refused_in_one_line_where_they_cannot_work(tmp_path, capsys):
+    image = str(REPO / "experiments" / "imagenet_sample_64px.yaml")
+    code, _, err = cli_in_process(capsys, "--config", image, "--optimizer", "Adam",
+                                  "--trainer.logger.init_args.save_dir", str(tmp_path))
+    (line,) = err.strip().splitlines()
+    assert code == 1 and "ImageTokenizer" in line and "manual optimization" in line
+    assert "--model.init_args.lr" in line
+    code, _, err = cli_in_process(capsys, "--config", CONFIG, "--lr_scheduler", "StepLR",
+                                  "--lr_scheduler.step_size", "5",
+                                  "--trainer.logger.init_args.save_dir", str(tmp_path))
+    (line,) = err.strip().splitlines()
+    assert code == 1 and "--lr_scheduler needs --optimizer" in line
+    assert not list(tmp_path.iterdir())
+
+
+# -- provq-fit predict, TopoDisc ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def topodisc_run(tmp_path_factory) -> Path:
+    """20 TopoDisc steps with the curriculum and the optimizer set on the command line."""
+    out = tmp_path_factory.mktemp("topodisc")
+    provq_fit("--config", CONFIG, "--trainer.max_steps", "20", "--trainer.val_check_interval",
+              "20", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(out),
+              "--trainer.logger.init_args.version", "v",
+              "--curriculum.warmup_steps", "5", "--curriculum.transition_steps", "5",
+              "--curriculum.kmeans_collect_batches", "2",
+              "--optimizer", "SGD", "--optimizer.lr", "0.01", "--optimizer.momentum", "0.9",
+              "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "10")
+    return out / "topodisc_provq" / "v"
+
+
+def test_command_line_curriculum_and_optimizer_drive_the_fit(topodisc_run):
+    config = yaml.safe_load((topodisc_run / "config.yaml").read_text())
+    args = config["trainer"]["callbacks"][0]["init_args"]
+    assert (args["warmup_steps"], args["transition_steps"]) == (5, 5)
+    ckpt = torch.load(topodisc_run / "checkpoints" / "last.ckpt", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if "CurriculumCallback" in k)
+    assert state["seeded"] and state["seeded_at_step"] == 5  # k-means ran at the new boundary
+    (group,) = ckpt["optimizer_states"][0]["param_groups"]
+    assert group["momentum"] == 0.9 and "betas" not in group  # SGD, not the model's own Adam
+    (scheduler,) = ckpt["lr_schedulers"]
+    assert scheduler["step_size"] == 10
+
+
+def test_predict_writes_topodisc_codes_like_provq_tokenize(topodisc_run, tmp_path):
+    files = predict_then_compare_with_tokenize(topodisc_run, tmp_path)
+    assert len([name for name in files if name.startswith("codes/")]) == 675  # every point
+
+
+# -- provq-fit predict, image and protein tokenizers -------------------------------------
+def test_predict_writes_image_codes_and_csv_logger_gets_the_reconstruction_grid(tmp_path):
+    from tests.image.conftest import TINY, write_flat_folder
+
+    write_flat_folder(tmp_path / "photos", 12)
+    cfg = yaml.safe_load((REPO / "experiments" / "imagenet_sample_64px.yaml").read_text())
+    cfg["trainer"].update(max_steps=2, val_check_interval=2)
+    cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                "init_args": {"save_dir": str(tmp_path), "name": "img",
+                                              "version": "v"}}
+    cfg["trainer"]["callbacks"][0]["init_args"].update(
+        warmup_steps=1, transition_steps=0, kmeans_samples=16, kmeans_collect_batches=1)
+    cfg["model"]["init_args"].update({**TINY, "disc_weight": 0.0, "num_codes": 16})
+    cfg["data"]["init_args"].update(root=str(tmp_path / "photos"), image_size=16, batch_size=4,
+                                    num_workers=0, val_fraction=0.25)
+    provq_fit("--config", str(fit_yaml(cfg, tmp_path)))
+    run = tmp_path / "img" / "v"
+    assert (run / "images" / "val" / "input_vs_reconstruction" / "2.png").is_file()
+    files = predict_then_compare_with_tokenize(run, tmp_path)
+    assert len([name for name in files if name.startswith("codes/")]) == 12
+
+
+def test_predict_writes_protein_codes_with_a_configured_writer(tmp_path):
+    from tests.protein.conftest import EDGE, need_shared_data
+    from tests.protein.test_tokenizer import TINY
+
+    need_shared_data()
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("1aki.pdb", "1k6p.pdb", "3o5r.cif"):  # 4 chains
+        shutil.copy(EDGE / name, src / name)
+    cfg = yaml.safe_load((REPO / "experiments" / "proteins_sample.yaml").read_text())
+    cfg["trainer"].update(max_steps=2, val_check_interval=2)
+    cfg["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path), version="v")
+    cfg["trainer"]["callbacks"][0]["init_args"].update(
+        warmup_steps=1, transition_steps=0, kmeans_collect_batches=1)
+    cfg["model"]["init_args"].update(TINY)
+    cfg["data"]["init_args"].update(sources=str(src), cache_dir=str(tmp_path / "cache"),
+                                    crop_length=32, val_fraction=0.3, batch_size=2)
+    provq_fit("--config", str(fit_yaml(cfg, tmp_path)))
+    run = tmp_path / "proteins_sample_provq" / "v"
+    files = predict_then_compare_with_tokenize(run, tmp_path, fmt="fasta")
+    records = files["codes.fasta"].decode().splitlines()[0::2]
+    assert sorted(records) == [">1aki_A", ">1k6p_A", ">1k6p_B", ">3o5r_A"]
