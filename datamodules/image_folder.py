@@ -32,12 +32,10 @@ from provq_lightning.image.transforms import (
     to_uint8_tensor,
 )
 from provq_lightning.stream_position import (
-    EpochSampler,
     SamplerLoader,
     StreamPosition,
-    global_seed,
     note_training_batch,
-    trainer_context,
+    resumable_sampler_loader,
 )
 
 
@@ -157,19 +155,14 @@ class ImageFolderDataModule(LightningDataModule):
 
     def train_dataloader(self) -> SamplerLoader:
         hp = self.hparams
-        context = trainer_context(self)
-        _, rank, world_size = context()
-        sampler = EpochSampler(self.train_set, num_replicas=world_size, rank=rank,
-                               seed=global_seed())
-        return SamplerLoader(
+        return resumable_sampler_loader(
+            self,
             self.train_set,
+            self.position,
             batch_size=hp.batch_size,
-            sampler=sampler,
             drop_last=hp.drop_last,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
-            context=context,
-            position=self.position,
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -39,12 +39,10 @@ from provq_lightning.protein.cache import (
 from provq_lightning.protein.parsing import ParseOptions
 from provq_lightning.protein.paths import resolve_data_path
 from provq_lightning.stream_position import (
-    EpochSampler,
     SamplerLoader,
     StreamPosition,
-    global_seed,
     note_training_batch,
-    trainer_context,
+    resumable_sampler_loader,
 )
 
 log = logging.getLogger("provq.protein")
@@ -245,19 +243,14 @@ class ProteinStructureDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> SamplerLoader:
-        context = trainer_context(self)
-        _, rank, world_size = context()
-        sampler = EpochSampler(self.train_set, num_replicas=world_size, rank=rank,
-                               seed=global_seed())
-        return SamplerLoader(
+        return resumable_sampler_loader(
+            self,
             self.train_set,
+            self.position,
             batch_size=self.batch_size,
-            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_structures,
             persistent_workers=self.num_workers > 0,
-            context=context,
-            position=self.position,
         )
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

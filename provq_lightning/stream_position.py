@@ -80,7 +80,10 @@ class StreamPosition:
                 log.warning(
                     "resuming epoch %d from its first batch: the checkpoint's data stream was "
                     "saved with %s, this run has %s (resume with the same settings to continue "
-                    "mid-epoch)", epoch, pending["layout"], layout,
+                    "mid-epoch)",
+                    epoch,
+                    pending["layout"],
+                    layout,
                 )
             else:
                 mine = pending["ranks"][rank]
@@ -107,8 +110,11 @@ class StreamPosition:
         start of the next one.
         """
         if not self.layout:  # never started: keep what was loaded, or the very beginning
-            return dict(self._pending) if self._pending is not None else {
-                "version": STATE_VERSION, "epoch": self.epoch, "layout": {}, "ranks": []}
+            return (
+                dict(self._pending)
+                if self._pending is not None
+                else {"version": STATE_VERSION, "epoch": self.epoch, "layout": {}, "ranks": []}
+            )
         mine = {"batches": list(self.batches), "bad": [sorted(map(list, b)) for b in self.bad]}
         ranks = gather_objects(mine)
         epoch = self.epoch
@@ -116,8 +122,12 @@ class StreamPosition:
             epoch += 1
             empty = {"batches": [0] * len(self.batches), "bad": [[] for _ in self.batches]}
             ranks = [empty for _ in ranks]
-        return {"version": STATE_VERSION, "epoch": epoch, "layout": dict(self.layout),
-                "ranks": ranks}
+        return {
+            "version": STATE_VERSION,
+            "epoch": epoch,
+            "layout": dict(self.layout),
+            "ranks": ranks,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION or not state.get("layout"):
@@ -142,8 +152,11 @@ class ResumableLoader(DataLoader):
 
     def layout(self, world_size: int) -> dict[str, int]:
         """What must match for a saved position to be meaningful in this run."""
-        return {"world_size": world_size, "batch_size": int(self.batch_size or 0),
-                "slots": self.slots}
+        return {
+            "world_size": world_size,
+            "batch_size": int(self.batch_size or 0),
+            "slots": self.slots,
+        }
 
     def start_epoch(self, epoch: int, rank: int, world_size: int, starts: list[SlotStart]) -> None:
         raise NotImplementedError
@@ -171,10 +184,24 @@ class EpochSampler(DistributedSampler):
     ``item_seed``, so a resumed run draws the same crops as the uninterrupted one.
     """
 
-    def __init__(self, dataset: Any, *, num_replicas: int, rank: int, seed: int,
-                 shuffle: bool = True, drop_last: bool = False) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
-                         seed=seed, drop_last=drop_last)
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
         self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -186,7 +213,7 @@ class EpochSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
         indices = list(super().__iter__())
-        for index in indices[self.start:]:
+        for index in indices[self.start :]:
             yield index, base + index
 
 
@@ -196,6 +223,20 @@ class SamplerLoader(ResumableLoader):
 
     def start_epoch(self, epoch: int, rank: int, world_size: int, starts: list[SlotStart]) -> None:
         self.sampler.begin(epoch, starts[0].skip * int(self.batch_size or 1))
+
+
+def resumable_sampler_loader(
+    owner: Any, dataset: Any, position: StreamPosition, **loader_args: Any
+) -> SamplerLoader:
+    """The training loader of ``owner`` (a datamodule) over a map-style ``dataset``: an
+    ``EpochSampler`` split by rank, seeded like Lightning's own sampler, that resumes at
+    ``position``. ``loader_args`` go to the ``DataLoader`` (batch size, workers, collate)."""
+    context = trainer_context(owner)
+    _, rank, world_size = context()
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=global_seed())
+    return SamplerLoader(
+        dataset, sampler=sampler, context=context, position=position, **loader_args
+    )
 
 
 def global_seed() -> int:
@@ -215,8 +256,9 @@ def trainer_context(owner: Any) -> Context:
     return context
 
 
-def note_training_batch(owner: Any, position: StreamPosition, slot: int = 0,
-                        bad: Iterable[tuple[str, str]] = ()) -> None:
+def note_training_batch(
+    owner: Any, position: StreamPosition, slot: int = 0, bad: Iterable[tuple[str, str]] = ()
+) -> None:
     """Count a batch for the position if ``owner``'s trainer is handing it to a training step."""
     trainer = getattr(owner, "trainer", None)
     if trainer is not None and trainer.training:
