@@ -44,7 +44,7 @@ SAMPLE_SHAPE = dict(
 
 
 def photos_root(path: str) -> Path:
-    from datamodules.imagenet import resolve_path
+    from provq_lightning.datamodules.imagenet import resolve_path
 
     return resolve_path(path)
 
@@ -287,7 +287,7 @@ def bench_loader(args) -> float:
 def compare_loaders(args, photos: Path, tmp: Path) -> float:
     from torchvision.datasets import ImageFolder
 
-    from datamodules.imagenet import ImageNetDataModule
+    from provq_lightning.datamodules.imagenet import ImageNetDataModule
     from provq_lightning.image.make_shards import main as make_shards
 
     make_shards([str(photos), str(tmp / "shards"), "--shard-size", str(args.shard_size)])

@@ -1,4 +1,4 @@
-from callbacks.curriculum import CurriculumCallback
-from callbacks.metrics_json import MetricsJsonCallback
+from provq_lightning.callbacks.curriculum import CurriculumCallback
+from provq_lightning.callbacks.metrics_json import MetricsJsonCallback
 
 __all__ = ["CurriculumCallback", "MetricsJsonCallback"]

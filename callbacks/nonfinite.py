@@ -23,10 +23,10 @@ Turn it off with a guard of your own in the config (provq then adds none)::
 
     trainer:
       callbacks:
-        - class_path: callbacks.nonfinite.NonFiniteGuard
+        - class_path: provq_lightning.callbacks.nonfinite.NonFiniteGuard
           init_args: {enabled: false}
 
-or on the command line: ``--trainer.callbacks+=callbacks.nonfinite.NonFiniteGuard
+or on the command line: ``--trainer.callbacks+=provq_lightning.callbacks.nonfinite.NonFiniteGuard
 --trainer.callbacks.enabled=false``.
 """
 

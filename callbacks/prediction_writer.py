@@ -7,7 +7,7 @@ back with ``provq-decode`` and ``provq_lightning.token_reader`` like any ``provq
 output. Configure it like any callback, e.g.::
 
     provq-fit predict --config run/config.yaml --ckpt_path run/checkpoints/last.ckpt \\
-        --trainer.callbacks+=callbacks.prediction_writer.CodePredictionWriter \\
+        --trainer.callbacks+=provq_lightning.callbacks.prediction_writer.CodePredictionWriter \\
         --trainer.callbacks.output_dir tokens/ --trainer.callbacks.format wds
 """
 

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.imagenet import read_class_list, resolve_path
+from provq_lightning.datamodules.imagenet import read_class_list, resolve_path
 from provq_lightning.image.make_shards import SourceImage, find_images
 from provq_lightning.image.transforms import (
     UndecodableImage,

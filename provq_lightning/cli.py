@@ -23,11 +23,11 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
-from callbacks.metrics_json import MetricsJsonCallback
-from callbacks.nonfinite import NonFiniteGuard
-from callbacks.prediction_writer import CodePredictionWriter
-from callbacks.preemption import PreemptionCheckpoint
-from callbacks.resume import ResumeCallback
+from provq_lightning.callbacks.metrics_json import MetricsJsonCallback
+from provq_lightning.callbacks.nonfinite import NonFiniteGuard
+from provq_lightning.callbacks.prediction_writer import CodePredictionWriter
+from provq_lightning.callbacks.preemption import PreemptionCheckpoint
+from provq_lightning.callbacks.resume import ResumeCallback
 from provq_lightning.checkpoint_check import check_checkpoint_file
 from provq_lightning.checkpoint_io import AtomicCheckpointIO
 from provq_lightning.curriculum_args import (
@@ -43,6 +43,7 @@ from provq_lightning.run_dir import (
     version_from_dir_name,
     write_config_history,
 )
+from provq_lightning.shipped_configs import resolve_config_args
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -314,8 +315,9 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
-    sys.argv = [sys.argv[0], *argv]
     try:
+        # A --config naming no file here may name a shipped one (provq-fit --config in1k_16x16).
+        sys.argv = [sys.argv[0], *resolve_config_args(argv)]
         ProvqCLI()
     except Exception as err:  # noqa: BLE001 - only provq's own, user-fixable errors are caught
         found = user_error(err)

@@ -18,7 +18,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
-from callbacks.curriculum import CurriculumCallback
+from provq_lightning.callbacks.curriculum import CurriculumCallback
 
 GROUP = "curriculum"
 

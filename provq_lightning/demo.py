@@ -121,7 +121,7 @@ def embedding_panel(out: Path, variants: list[str], seed: int, path: Path) -> No
     """One panel per variant: final encoder embeddings and codebook (the paper's Figure 3)."""
     import matplotlib.pyplot as plt
 
-    from datamodules.topodisc import make_topodisc
+    from provq_lightning.datamodules.topodisc import make_topodisc
     from provq_lightning.plots import embedding_figure
     from provq_lightning.topodisc import TopoDiscTokenizer
 

@@ -16,8 +16,9 @@ own position. A finished epoch is saved as the start of the next one.
 
 On resume the first epoch the loader starts is the saved one, and each slot first skips what it
 had already delivered (``skip`` per slot): a map-style sampler just drops those indices; the
-shard stream replays its reading without decoding (see ``datamodules.imagenet``). The order of
-an uninterrupted run does not change: the position only tells where to start.
+shard stream replays its reading without decoding (see
+``provq_lightning.datamodules.imagenet``). The order of an uninterrupted run does not change: the
+position only tells where to start.
 """
 
 from __future__ import annotations

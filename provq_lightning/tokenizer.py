@@ -145,7 +145,8 @@ class VQTokenizer(LightningModule):
     # -- provq-fit predict --------------------------------------------------------------------
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         """``(key, codes)`` per item of a batch, from the model's ``tokenize_batch`` (the hook
-        ``provq-tokenize`` uses), for ``callbacks.prediction_writer.CodePredictionWriter``."""
+        ``provq-tokenize`` uses), for
+        ``provq_lightning.callbacks.prediction_writer.CodePredictionWriter``."""
         tokenize = getattr(self, "tokenize_batch", None)
         if not callable(tokenize):
             raise ProvqError(

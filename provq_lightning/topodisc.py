@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanSquaredError
 
-from datamodules.topodisc import COMPONENT_NAMES
+from provq_lightning.datamodules.topodisc import COMPONENT_NAMES
 from provq_lightning.image_log import log_figure
 from provq_lightning.plots import embedding_figure
 from provq_lightning.quantizer import VectorQuantizer

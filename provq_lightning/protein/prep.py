@@ -3,9 +3,9 @@
     provq-prep-structures ../shared/data/proteins --cache-dir runs/cache/proteins
 
 prints one line per skipped file (path and reason) and a summary of the counts; the cache is
-what ``datamodules.proteins.ProteinStructureDataModule`` reads. A source that does not exist or
-holds no structure file, or an option that selects nothing, is one ``<prog>: error:`` line and
-exit status 1.
+what ``provq_lightning.datamodules.proteins.ProteinStructureDataModule`` reads. A source that
+does not exist or holds no structure file, or an option that selects nothing, is one
+``<prog>: error:`` line and exit status 1.
 """
 
 from __future__ import annotations

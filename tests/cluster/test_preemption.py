@@ -23,7 +23,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from callbacks.preemption import (
+from provq_lightning.callbacks.preemption import (
     EXIT_PREEMPTED,
     PreemptionCheckpoint,
     parse_signal,
@@ -217,7 +217,7 @@ def test_signal_inside_an_accumulation_window_saves_at_the_window_end(tmp_path):
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from callbacks.preemption import PreemptionCheckpoint
+    from provq_lightning.callbacks.preemption import PreemptionCheckpoint
 
     callback = PreemptionCheckpoint(requeue=False)
     callback.signal_received = True

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from callbacks.curriculum import CurriculumCallback
+from provq_lightning.callbacks.curriculum import CurriculumCallback
 
 
 def read_records(path: Path) -> dict[str, list[dict[str, Any]]]:

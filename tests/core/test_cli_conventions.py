@@ -57,7 +57,8 @@ def predict_then_compare_with_tokenize(run: Path, tmp: Path, fmt: str = "npy") -
         predictions = run / "predictions"  # the default: <run dir>/predictions
     else:  # a writer in the config (or on the command line) replaces the default one
         predictions = tmp / "configured"
-        args += ["--trainer.callbacks+=callbacks.prediction_writer.CodePredictionWriter",
+        writer = "provq_lightning.callbacks.prediction_writer.CodePredictionWriter"
+        args += [f"--trainer.callbacks+={writer}",
                  "--trainer.callbacks.output_dir", str(predictions),
                  "--trainer.callbacks.format", fmt]
     provq_fit(*args)
@@ -97,7 +98,7 @@ def test_curriculum_group_overrides_the_configured_callback(capsys):
     cfg = printed(capsys, "--config", CONFIG, "--curriculum.warmup_steps", "5000",
                   "--curriculum.schedule", "linear")
     curriculum, checkpoint = cfg["trainer"]["callbacks"]
-    assert curriculum["class_path"] == "callbacks.curriculum.CurriculumCallback"
+    assert curriculum["class_path"] == "provq_lightning.callbacks.curriculum.CurriculumCallback"
     args = curriculum["init_args"]
     assert (args["warmup_steps"], args["schedule"]) == (5000, "linear")
     assert (args["transition_steps"], args["lam"]) == (1000, 0.5)  # the config's, untouched
@@ -110,12 +111,12 @@ def test_curriculum_group_adds_a_callback_to_a_config_without_one(tmp_path, caps
     config = tmp_path / "plain.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"class_path": "provq_lightning.topodisc.TopoDiscTokenizer"},
-        "data": {"class_path": "datamodules.topodisc.TopoDiscDataModule"},
+        "data": {"class_path": "provq_lightning.datamodules.topodisc.TopoDiscDataModule"},
         "curriculum": {"warmup_steps": 7, "kmeans_init": False},  # a config file section works
     }))
     cfg = printed(capsys, "--config", str(config))
     (callback,) = cfg["trainer"]["callbacks"]
-    assert callback["class_path"] == "callbacks.curriculum.CurriculumCallback"
+    assert callback["class_path"] == "provq_lightning.callbacks.curriculum.CurriculumCallback"
     assert callback["init_args"]["warmup_steps"] == 7
     assert callback["init_args"]["kmeans_init"] is False
     assert callback["init_args"]["schedule"] == "cosine"  # CurriculumCallback's default

@@ -3,8 +3,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from callbacks.curriculum import CurriculumCallback, CurriculumError
-from datamodules.topodisc import TopoDiscDataModule
+from provq_lightning.callbacks.curriculum import CurriculumCallback, CurriculumError
+from provq_lightning.datamodules.topodisc import TopoDiscDataModule
 from provq_lightning.errors import ProvqError
 from provq_lightning.schedules import Phase, alpha_at, omega
 from provq_lightning.topodisc import TopoDiscTokenizer

@@ -22,8 +22,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.metrics_json import MetricsJsonCallback
-from callbacks.nonfinite import NonFiniteError, NonFiniteGuard
+from provq_lightning.callbacks.metrics_json import MetricsJsonCallback
+from provq_lightning.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from provq_lightning.cli import provq_callbacks
 from provq_lightning.errors import ProvqError
 from provq_lightning.kmeans import NonFiniteInputError, kmeans

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from datamodules.topodisc import DISK, TRIANGLE, FullBatch, TopoDiscDataModule
+from provq_lightning.datamodules.topodisc import DISK, TRIANGLE, FullBatch, TopoDiscDataModule
 from provq_lightning.topodisc import TopoDiscTokenizer
 
 

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from datamodules.imagenet import ImageNetDataModule
+from provq_lightning.datamodules.imagenet import ImageNetDataModule
 from provq_lightning.image.tokenizer import ImageTokenizer
 from tests.image.conftest import TINY
 

@@ -300,7 +300,7 @@ def photo_run(sample_photos, tmp_path_factory) -> tuple:
     data = dict(root=str(sample_photos), image_size=64, batch_size=4, num_workers=0)
     cfg = {"model": {"class_path": "provq_lightning.image.tokenizer.ImageTokenizer",
                      "init_args": init},
-           "data": {"class_path": "datamodules.image_folder.ImageFolderDataModule",
+           "data": {"class_path": "provq_lightning.datamodules.image_folder.ImageFolderDataModule",
                     "init_args": data}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "checkpoints").mkdir()
@@ -329,7 +329,7 @@ def test_llamagen_export_loads_in_llamagens_shapes(photo_run, tmp_path, ten_crop
 
     import numpy as np
 
-    from datamodules.image_folder import ImageFolderDataModule
+    from provq_lightning.datamodules.image_folder import ImageFolderDataModule
     from provq_lightning.image.llamagen_codes import views
     from provq_lightning.image.transforms import to_model_range
     from provq_lightning.tokenize_cli import tokenize_main

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from callbacks.curriculum import CurriculumCallback
+from provq_lightning.callbacks.curriculum import CurriculumCallback
 from provq_lightning.image.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from provq_lightning.image.pretrained import MissingWeights
 from provq_lightning.image.tokenizer import ImageTokenizer

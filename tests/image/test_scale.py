@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from callbacks.curriculum import CurriculumCallback
+from provq_lightning.callbacks.curriculum import CurriculumCallback
 from provq_lightning.schedules import Phase
 from tests.image.conftest import TINY
 from tests.image.test_model import Batches, Module

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from datamodules.imagenet import ImageNetDataModule, ShardImageDataset, shard_infos
+from provq_lightning.datamodules.imagenet import ImageNetDataModule, ShardImageDataset, shard_infos
 from provq_lightning.image import shards as sh
 from provq_lightning.image.make_shards import main as make_shards
 from tests.image.conftest import jpeg_bytes

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datamodules.imagenet import (
+from provq_lightning.datamodules.imagenet import (
     CROP_DRAWS,
     REST_OF_SHARD,
     ImageNetDataModule,
@@ -155,7 +155,7 @@ def test_sigkill_mid_epoch_then_resume_trains_on_the_same_batches(
     the tests' fork server each worker would start through it, seconds per epoch; the worker
     bookkeeping is covered by the loader-level test above."""
     batch, workers = 4, 0
-    data = {"class_path": "datamodules.imagenet.ImageNetDataModule",
+    data = {"class_path": "provq_lightning.datamodules.imagenet.ImageNetDataModule",
             "init_args": {"train_shards": str(messy_shards), "image_size": 8,
                           "batch_size": batch, "num_workers": workers, "shuffle_buffer": 5}}
     per_epoch = sum(SIZES) // (batch * world_size)
@@ -172,7 +172,7 @@ def test_sigkill_mid_epoch_then_resume_trains_on_the_same_batches(
 
 
 def test_image_folder_loader_resumes_with_the_same_images_and_crops(flat_folder):
-    from datamodules.image_folder import ImageFolderDataModule
+    from provq_lightning.datamodules.image_folder import ImageFolderDataModule
 
     def fresh() -> ImageFolderDataModule:
         dm = ImageFolderDataModule(str(flat_folder[0]), image_size=16, batch_size=4)

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.proteins import CachedStructures, ProteinStructureDataModule, collate_structures
+from provq_lightning.datamodules.proteins import (
+    CachedStructures,
+    ProteinStructureDataModule,
+    collate_structures,
+)
 from provq_lightning.protein import cache as cache_mod
 from provq_lightning.protein.cache import (
     assign_splits,

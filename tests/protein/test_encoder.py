@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.proteins import collate_structures
+from provq_lightning.datamodules.proteins import collate_structures
 from provq_lightning.protein.encoder import knn_neighbours
 from provq_lightning.protein.geometry import random_rotation
 from provq_lightning.protein.parsing import parse_structure

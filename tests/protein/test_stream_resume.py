@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.proteins import ProteinStructureDataModule
+from provq_lightning.datamodules.proteins import ProteinStructureDataModule
 from provq_lightning.protein.cache import prepare_cache
 from tests.distributed.stream_resume import check_kill_and_resume
 
@@ -74,7 +74,7 @@ def test_sigkill_mid_epoch_then_resume_trains_on_the_same_chains(
     dm.setup("fit")
     chains = len(dm.train_set)
     per_epoch = -(-chains // (world_size * BATCH))  # DistributedSampler pads, no drop_last
-    data = {"class_path": "datamodules.proteins.ProteinStructureDataModule",
+    data = {"class_path": "provq_lightning.datamodules.proteins.ProteinStructureDataModule",
             "init_args": {"sources": str(sources), "cache_dir": str(cache),
                           "crop_length": CROP, "batch_size": BATCH}}
     kill_at = random.Random(world_size).randrange(1, per_epoch)  # mid first epoch

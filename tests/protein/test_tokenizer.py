@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from callbacks.curriculum import CurriculumCallback
-from datamodules.proteins import ProteinStructureDataModule
+from provq_lightning.callbacks.curriculum import CurriculumCallback
+from provq_lightning.datamodules.proteins import ProteinStructureDataModule
 from provq_lightning.protein.geometry import CA_C, N_CA
 from provq_lightning.protein.parsing import parse_structure
 from provq_lightning.protein.paths import REPO_ROOT

@@ -1,0 +1,89 @@
+"""``provq-fit --config NAME`` finds a shipped config when no such file exists in the cwd."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from provq_lightning.cli import main
+from provq_lightning.errors import ProvqError
+from provq_lightning.shipped_configs import resolve_config_args, shipped_names
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "experiments"
+
+
+@pytest.fixture(autouse=True)
+def elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout: no experiments/ here
+
+
+@pytest.mark.parametrize(
+    "value, shipped",
+    [("in1k_16x16", "in1k_16x16.yaml"), ("in100/provq", "in100/provq.yaml"),
+     ("topodisc_provq.yaml", "topodisc_provq.yaml"),
+     ("experiments/in100/base.yaml", "in100/base.yaml")],
+)
+def test_a_shipped_name_becomes_its_path(value, shipped):
+    for argv in (["fit", "--config", value], ["fit", "-c", value]):
+        resolved = Path(resolve_config_args(argv)[2])
+        assert resolved.resolve() == (SHIPPED / shipped).resolve()
+    (flag,) = resolve_config_args([f"--config={value}"])
+    assert Path(flag.removeprefix("--config=")).resolve() == (SHIPPED / shipped).resolve()
+
+
+def test_a_file_in_the_cwd_wins_and_other_arguments_are_untouched(tmp_path):
+    (tmp_path / "topodisc_provq.yaml").write_text("trainer: {max_steps: 5}\n")
+    argv = ["fit", "--config", "topodisc_provq.yaml", "--trainer.max_steps", "in1k_16x16",
+            "--config", "{trainer: {max_steps: 3}}"]
+    assert resolve_config_args(argv) == argv
+
+
+def test_an_unknown_name_is_one_line_naming_it_and_some_shipped_ones():
+    with pytest.raises(ProvqError) as err:
+        resolve_config_args(["fit", "--config", "in1k_16x17"])
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("--config in1k_16x17: no such file in ")
+    assert "in1k_16x16, " in message and "topodisc_provq" in message
+    assert f"({len(shipped_names())} shipped)" in message
+
+
+def test_shipped_names_are_the_fit_configs_not_the_sweeps():
+    names = shipped_names()
+    assert {"topodisc_provq", "in1k_16x16", "in100/base", "in100/provq"} <= set(names)
+    assert not [n for n in names if n.startswith("sweeps/")]
+
+
+def _provq_fit(args: list[str], capsys) -> tuple[int, str, str]:
+    argv = sys.argv
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_provq_fit_resolves_shipped_configs_by_name(capsys):
+    code, out, err = _provq_fit(
+        ["--config", "in100/base", "--config", "in100/provq", "--print_config"], capsys)
+    assert code == 0, err[-2000:]
+    config = yaml.safe_load(out)
+    assert config["trainer"]["logger"]["init_args"]["name"] == "in100_provq"
+    assert config["data"]["class_path"] == "provq_lightning.datamodules.imagenet.ImageNetDataModule"
+    # Paths inside a shipped config stay as written: relative to the cwd.
+    assert config["data"]["init_args"]["class_list"] == "experiments/in100/classes.txt"
+
+
+def test_provq_fit_refuses_an_unknown_config_in_one_line(capsys):
+    code, _, err = _provq_fit(["--config", "topodisc_prvq", "--print_config"], capsys)
+    assert code == 1
+    assert err.startswith("provq-fit: error: --config topodisc_prvq: no such file in ")
+    assert err.count("\n") == 1 and "topodisc_provq" in err
