@@ -2,11 +2,16 @@
 
 Search (N=32768 latents, K=16384 codes, D=8): provq's ``VectorQuantizer`` forward against
 ``vector_quantize_pytorch.VectorQuantize`` (the baseline) and a plain ``torch.cdist`` argmin,
-time and peak extra memory, each case in a fresh process so peaks do not mix.
-K-means seeding (K=16384 on 262,144 x 8): provq's ``kmeans`` against scikit-learn ``KMeans``
-(the baseline) with the same iteration cap: time and inertia ratios.
+time and peak extra memory, each case in a fresh process so peaks do not mix; then provq's
+``nearest_code`` against faiss-cpu ``IndexFlatL2.search(z, 1)`` on the same input in the same
+process (alternating, medians), with both checked against an fp64 reference; then the scaling of
+provq's search time and memory in N and K.
+K-means (K=4096 on 131,072 x 8 and K=16384 on 262,144 x 8 clustered vectors, 20 Lloyd
+iterations): provq's ``kmeans`` (seeding included) against ``faiss.Kmeans`` on the same data in
+the same process: time and inertia ratios, both inertias computed the same way (exact
+assignment of each one's centres).
 
-    python benchmarks/bench_quantizer.py [--device cuda] [--skip-kmeans]
+    python benchmarks/bench_quantizer.py [--device cuda] [--skip-kmeans] [--skip-scaling]
 """
 
 from __future__ import annotations
@@ -106,35 +111,120 @@ def bench_search(args) -> list[dict]:
     return rows
 
 
-def bench_kmeans(args) -> dict:
-    from sklearn.cluster import KMeans
+def median_times(fns: dict, repeats: int, device: torch.device) -> dict:
+    """Median seconds of each callable, alternating them so load changes hit all alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():  # warm caches and allocators
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
-    from provq_lightning.kmeans import kmeans
+
+def bench_search_faiss(args) -> dict:
+    import faiss
+
+    from provq_lightning.search import nearest_code
 
     g = torch.Generator().manual_seed(0)
+    z = 3.0 + torch.randn(args.n, args.d, generator=g)
+    codes = 3.0 + torch.randn(args.k, args.d, generator=g)
+    index = faiss.IndexFlatL2(args.d)
+    index.add(codes.numpy())
+    z_np = z.numpy()
+    dev = torch.device(args.device)
+    z_dev, codes_dev = z.to(dev), codes.to(dev)
+    fns = {
+        "provq": lambda: nearest_code(z_dev, codes_dev),
+        "faiss": lambda: index.search(z_np, 1),
+    }
+    med = median_times(fns, args.repeats_faiss, dev)
+    # fp64 reference in row chunks (the whole N x K fp64 matrix would take 4 GiB).
+    reference = torch.cat([torch.cdist(part.double(), codes.double()).argmin(dim=1)
+                           for part in z.split(1024)])
+    ours = nearest_code(z_dev, codes_dev).cpu()
+    theirs = torch.from_numpy(index.search(z_np, 1)[1][:, 0]).long()
+    print(f"\nNearest-code search vs faiss-cpu IndexFlatL2.search(z, 1), N={args.n} K={args.k} "
+          f"D={args.d}, same input and process, median of {args.repeats_faiss} alternating runs "
+          f"(torch {torch.get_num_threads()} threads, faiss {faiss.omp_get_max_threads()})")
+    print(f"{'case':<26}{'time (s)':>10}{'rows != fp64':>14}")
+    print(f"{'provq nearest_code':<26}{med['provq']:>10.3f}{int((ours != reference).sum()):>14}")
+    print(f"{'faiss IndexFlatL2':<26}{med['faiss']:>10.3f}{int((theirs != reference).sum()):>14}")
+    print(f"time ratio provq / faiss: {med['provq'] / med['faiss']:.2f}x")
+    return {"provq": med["provq"], "faiss": med["faiss"]}
+
+
+def bench_search_scaling(args) -> list[dict]:
+    grid = [(n, args.k) for n in (8192, 32768, 131072)]
+    grid += [(args.n, k) for k in (1024, 4096, 65536)]
+    rows = []
+    for n, k in sorted(set(grid), key=lambda nk: (nk[1], nk[0])):
+        cmd = [sys.executable, __file__, "--case", "provq", "--n", str(n), "--k", str(k),
+               "--d", str(args.d), "--device", args.device, "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"scaling N={n} K={k} failed:\n{out.stderr[-3000:]}")
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"n": n, "k": k, **row})
+    print(f"\nScaling of provq's search (training-mode VectorQuantizer forward, D={args.d}, "
+          f"median of {args.repeats}, fresh process per point)")
+    print(f"{'N':>8}{'K':>8}{'time (s)':>10}{'ns / (N*K)':>12}{'peak MB':>10}")
+    for r in rows:
+        print(f"{r['n']:>8}{r['k']:>8}{r['seconds']:>10.3f}"
+              f"{1e9 * r['seconds'] / (r['n'] * r['k']):>12.2f}{r['peak_bytes'] / 2**20:>10.0f}")
+    return rows
+
+
+def clustered(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
     # A clustered, anisotropic cloud, like encoder outputs after warmup.
-    centres = 2.0 * torch.randn(512, args.d, generator=g)
-    x = centres[torch.randint(512, (args.kmeans_n,), generator=g)] + 0.5 * torch.randn(
-        args.kmeans_n, args.d, generator=g)
+    centres = 2.0 * torch.randn(512, d, generator=g)
+    return centres[torch.randint(512, (n,), generator=g)] + 0.5 * torch.randn(n, d, generator=g)
+
+
+def bench_kmeans(args, n: int, k: int) -> dict:
+    import faiss
+
+    from provq_lightning.kmeans import kmeans
+    from provq_lightning.search import nearest_code
+
+    x = clustered(n, args.d)
     dev = torch.device(args.device)
     xd = x.to(dev)
-    sync(dev)
-    start = time.perf_counter()
-    ours = kmeans(xd, args.kmeans_k, iters=args.kmeans_iters, tol=0.0, seed=0)
-    sync(dev)
-    ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    sk = KMeans(args.kmeans_k, init="k-means++", n_init=1, max_iter=args.kmeans_iters, tol=0.0,
-                random_state=0).fit(x.numpy())
-    sk_s = time.perf_counter() - start
-    print(f"\nK-means seeding, K={args.kmeans_k} on {args.kmeans_n} x {args.d}, "
-          f"{args.kmeans_iters} Lloyd iterations max; baseline: sklearn.cluster.KMeans (CPU)")
+
+    def inertia(centers: torch.Tensor) -> float:
+        centers = centers.to(dev)
+        return float((xd - centers[nearest_code(xd, centers)]).double().pow(2).sum())
+
+    rows = []
+    for _ in range(args.kmeans_repeats):  # alternate, so load changes hit both alike
+        sync(dev)
+        start = time.perf_counter()
+        ours = kmeans(xd, k, iters=args.kmeans_iters, tol=0.0, seed=0)
+        sync(dev)
+        ours_s = time.perf_counter() - start
+        start = time.perf_counter()
+        theirs = faiss.Kmeans(args.d, k, niter=args.kmeans_iters, seed=1234)
+        theirs.train(x.numpy())
+        faiss_s = time.perf_counter() - start
+        rows.append((ours_s, faiss_s))
+    ours_s = statistics.median(r[0] for r in rows)
+    faiss_s = statistics.median(r[1] for r in rows)
+    ours_i, faiss_i = inertia(ours.centers), inertia(torch.from_numpy(theirs.centroids))
+    print(f"\nK-means, K={k} on {n} x {args.d} clustered vectors, {args.kmeans_iters} Lloyd "
+          f"iterations (provq: k-means++ seeding included; faiss: its random init), same data "
+          f"and process, median of {args.kmeans_repeats} alternating runs")
     print(f"{'case':<26}{'time (s)':>10}{'inertia':>14}")
-    print(f"{'provq kmeans (' + args.device + ')':<26}{ours_s:>10.1f}{ours.inertia:>14.1f}")
-    print(f"{'sklearn KMeans':<26}{sk_s:>10.1f}{sk.inertia_:>14.1f}")
-    print(f"speed vs sklearn: {sk_s / ours_s:.2f}x   inertia ratio (provq / sklearn): "
-          f"{ours.inertia / sk.inertia_:.4f}")
-    return {"seconds": ours_s, "sklearn_seconds": sk_s, "inertia_ratio": ours.inertia / sk.inertia_}
+    print(f"{'provq kmeans (' + args.device + ')':<26}{ours_s:>10.2f}{ours_i:>14.1f}")
+    print(f"{'faiss.Kmeans (CPU)':<26}{faiss_s:>10.2f}{faiss_i:>14.1f}")
+    print(f"time ratio provq / faiss: {ours_s / faiss_s:.2f}x   inertia ratio provq / faiss: "
+          f"{ours_i / faiss_i:.4f}")
+    return {"seconds": ours_s, "faiss_seconds": faiss_s, "inertia_ratio": ours_i / faiss_i}
 
 
 def main() -> None:
@@ -145,17 +235,22 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kmeans-n", type=int, default=262144)
-    parser.add_argument("--kmeans-k", type=int, default=16384)
+    parser.add_argument("--repeats-faiss", type=int, default=7)
     parser.add_argument("--kmeans-iters", type=int, default=20)
+    parser.add_argument("--kmeans-repeats", type=int, default=3)
     parser.add_argument("--skip-kmeans", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.n, args.k, args.d, args.device, args.repeats)))
         return
     bench_search(args)
+    bench_search_faiss(args)
+    if not args.skip_scaling:
+        bench_search_scaling(args)
     if not args.skip_kmeans:
-        bench_kmeans(args)
+        bench_kmeans(args, 131072, 4096)
+        bench_kmeans(args, 262144, 16384)
 
 
 if __name__ == "__main__":

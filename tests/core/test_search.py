@@ -60,3 +60,53 @@ def test_chunk_budget_bounds_the_distance_block():
 def test_shape_errors_are_explicit():
     with pytest.raises(ValueError, match=r"z \(N, D\) and codebook \(K, D\)"):
         nearest_code(torch.zeros(4, 3), torch.zeros(5, 2))
+
+
+def near_ties(n=1500, offset=8.0, radius=0.05, seed=0):
+    """Every row has two codes at the same fp64 radius along different directions: once the codes
+    are rounded to fp32 their distances differ by about one fp32 ulp of the distance, which
+    only an exact computation can order."""
+    g = torch.Generator().manual_seed(seed)
+    z = (offset + torch.randn(n, 8, generator=g, dtype=torch.float64)).float()
+    directions = torch.nn.functional.normalize(torch.randn(2, n, 8, generator=g).double(), dim=-1)
+    pair = (z.double() + radius * directions).float()  # (2, n, 8): rounding decides the winner
+    far = (offset + 3 * torch.randn(500, 8, generator=g)).float()
+    codes = torch.cat([pair[0], pair[1], far])
+    exact = (z.double()[:, None] - codes.double()[None]).pow(2).sum(-1)
+    top2 = exact.topk(2, dim=1, largest=False).values
+    decided = top2[:, 1] > top2[:, 0]  # rows that are not exact ties in fp64
+    return z, codes, exact.argmin(dim=1), decided
+
+
+def test_adversarial_near_ties_are_decided_by_fp64():
+    z, codes, exact, decided = near_ties()
+    assert decided.float().mean() > 0.95
+    # fp32 arithmetic alone gets a good share of these rows wrong ...
+    naive = torch.cdist(z, codes).argmin(dim=1)
+    assert (naive != exact)[decided].float().mean() > 0.05
+    # ... while the bound sends them to the fp64 re-score, which orders them like fp64 does.
+    got = nearest_code(z, codes)
+    assert torch.equal(got[decided], exact[decided])
+    assert torch.equal(got[decided], fp64_reference(z, codes)[decided])
+
+
+def test_duplicate_codes_resolve_to_the_lowest_index():
+    z, codes = off_centre(n=400, k=50, offset=2.0)
+    codes = torch.cat([codes, codes.flip(0)])  # code j and code 99 - j are identical
+    got = nearest_code(z, codes)
+    assert bool((got < 50).all())
+    assert torch.equal(got, fp64_reference(z, codes))
+    same = nearest_code(z, torch.ones(64, 8))  # a collapsed codebook: every row is a tie
+    assert bool((same == 0).all())
+
+
+def test_fp64_inputs_match_fp64_reference():
+    z, codes = off_centre(n=2000, k=700, offset=30.0)
+    z = z.double() + 1e-9 * torch.randn(z.shape, dtype=torch.float64)  # not fp32-representable
+    assert torch.equal(nearest_code(z, codes.double()), fp64_reference(z, codes))
+
+
+@pytest.mark.parametrize("budget", [4096, 2**16, 2**20])
+def test_small_memory_budgets_give_the_same_answer(budget):
+    z, codes = off_centre(n=3000, k=1500, offset=5.0)
+    assert torch.equal(nearest_code(z, codes, max_chunk_bytes=budget), fp64_reference(z, codes))
