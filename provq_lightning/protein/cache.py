@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from provq_lightning.errors import ProvqError
+from provq_lightning.protein import parsing
 from provq_lightning.protein.chain import ProteinChain
 from provq_lightning.protein.parsing import (
     ParseOptions,
@@ -40,6 +42,8 @@ log = logging.getLogger("provq.protein")
 
 CACHE_VERSION = 1
 SPLITS = ("train", "val")
+IGNORED_WARN_ABOVE = 3  # more ignored files than this in the sources: one warning line
+IGNORED_REASON = "not a structure file (no .pdb/.cif/.bcif suffix, no PDB/mmCIF/BCIF content)"
 
 
 # -- discovering inputs -------------------------------------------------------------------
@@ -51,8 +55,35 @@ class Sources:
     ignored: list[Path] = field(default_factory=list)
 
 
+def read_path_list(path: Path) -> list[Path]:
+    """Paths named by a list file, relative to its folder; '#' starts a comment.
+
+    Called only for files that are no structure by suffix or content; a file none of whose
+    lines names an existing file is refused rather than read as hundreds of missing paths.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    lines = [ln.split("#", 1)[0].strip() for ln in (text or "").splitlines()]
+    items = [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln]
+    if text is None or "\x00" in text or (items and not any(p.is_file() for p in items)):
+        first = f" (line 1: {items[0].name[:60]!r})" if items and text else ""
+        raise ProvqError(
+            f"structure source {path} is neither a structure file (no .pdb/.cif/.bcif suffix, "
+            f"no PDB/mmCIF/BinaryCIF content) nor a list of existing files{first}; give a "
+            "folder, a structure file or a text file with one structure path per line"
+        )
+    return items
+
+
 def discover(sources: Sequence[str | Path]) -> Sources:
-    """Expand folders (recursively), structure files and list files (one path per line)."""
+    """Expand folders (recursively), structure files and list files (one path per line).
+
+    Structure files are recognised by suffix or, failing that, by content, the same way in a
+    folder and as a source of their own (CATH dompdb files have no suffix).
+    """
     files: list[Path] = []
     ignored: list[Path] = []
     for source in sources:
@@ -63,12 +94,7 @@ def discover(sources: Sequence[str | Path]) -> Sources:
         elif path.is_file() and is_structure_file(path):
             files.append(path)
         elif path.is_file():
-            # A list file: paths relative to the list's folder; '#' starts a comment.
-            for line in path.read_text().splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    item = Path(line) if Path(line).is_absolute() else path.parent / line
-                    files.append(item)
+            files.extend(read_path_list(path))
         else:
             raise FileNotFoundError(
                 f"structure source {path} does not exist; give a folder, a structure file "
@@ -104,10 +130,11 @@ def split_score(entry: str, seed: int) -> float:
 
 
 def assign_splits(entries: Iterable[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """``entry -> 'train' | 'val'``; at least one validation entry when there are two or more."""
+    """``entry -> 'train' | 'val'``; at least one validation entry when there are two or more.
+    ``val_fraction`` 1.0 puts every entry in validation (evaluate a whole set)."""
     entries = list(entries)
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1], got {val_fraction}")
     scores = {e: split_score(e, seed) for e in entries}
     out = {e: "val" if scores[e] < val_fraction else "train" for e in entries}
     if val_fraction > 0 and "val" not in out.values() and len({split_key(e) for e in entries}) > 1:
@@ -132,13 +159,50 @@ class CacheSettings:
         return d
 
 
+def reader_versions() -> dict[str, str | int]:
+    """What turns files into chains besides the settings: provq's parser and biotite."""
+    import biotite
+
+    return {"parser": parsing.PARSER_VERSION, "biotite": biotite.__version__}
+
+
 def fingerprint(files: Sequence[Path], settings: CacheSettings) -> str:
     stats = []
     for p in files:
         st = p.stat() if p.exists() else None
         stats.append([str(p), st.st_size if st else -1, st.st_mtime_ns if st else -1])
-    payload = {"version": CACHE_VERSION, "files": stats, "settings": settings.to_json()}
+    payload = {
+        "version": CACHE_VERSION,
+        "readers": reader_versions(),
+        "files": stats,
+        "settings": settings.to_json(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def counts_line(manifest: dict) -> str:
+    """The one-line load/skip/ignore summary printed by provq-prep-structures and provq-fit."""
+    c = manifest["counts"]
+    return (
+        f"{c['files']} structure files: {c['loaded']} loaded, {c['skipped']} skipped "
+        f"({c['ignored']} other files ignored); chains train {c['chains']['train']}, "
+        f"val {c['chains']['val']} ({c['dropped_chains']} chains dropped by the filters); "
+        f"residues train {c['residues']['train']}, val {c['residues']['val']}"
+    )
+
+
+def log_ignored(manifest: dict) -> None:
+    """One debug line per ignored file; a warning when more than a few were ignored."""
+    ignored = [p for p, r in manifest["files"].items() if r["status"] == "ignored"]
+    for p in ignored:
+        log.debug("ignored %s: %s", p, manifest["files"][p].get("reason", IGNORED_REASON))
+    if len(ignored) > IGNORED_WARN_ABOVE:
+        names = ", ".join(Path(p).name for p in ignored[:3])
+        log.warning(
+            "ignored %d files that are no structure by suffix or content (%s, ...); if they "
+            "are structures, check their format; debug logging lists each one",
+            len(ignored), names,
+        )
 
 
 def load_manifest(cache_dir: Path | str) -> dict:
@@ -255,7 +319,10 @@ def prepare_cache(
             log.info("structure cache %s is up to date (%s)", cache_dir, fp)
             return manifest
     if not found.files:
-        raise FileNotFoundError(f"no structure files (.pdb/.cif/.bcif[.gz]) in {list(sources)}")
+        raise FileNotFoundError(
+            f"no structure files (.pdb/.cif/.bcif[.gz], or PDB/mmCIF/BCIF content) in "
+            f"{[str(s) for s in sources]}"
+        )
 
     by_split: dict[str, list[ProteinChain]] = {s: [] for s in SPLITS}
     files_report: dict[str, dict] = {}
@@ -275,7 +342,7 @@ def prepare_cache(
             "dropped_chains": result.dropped,
         }
     for p in found.ignored:
-        files_report[str(p)] = {"status": "ignored", "reason": "not a structure file suffix"}
+        files_report[str(p)] = {"status": "ignored", "reason": IGNORED_REASON}
 
     tmp = cache_dir.with_name(cache_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -301,6 +368,7 @@ def prepare_cache(
     }
     manifest = {
         "version": CACHE_VERSION,
+        "readers": reader_versions(),
         "fingerprint": fp,
         "settings": settings.to_json(),
         "counts": counts,

@@ -1,7 +1,10 @@
 """Read PDB / mmCIF / BinaryCIF files (gzipped or not) into ``ProteinChain`` records.
 
 Policy, in one place:
-- first model only; altlocs resolved by ``altloc`` (default: the highest-occupancy location);
+- the format comes from the suffix, else from the content (CATH dompdb files have no suffix);
+- first model only; altlocs resolved by provq itself, per residue, by ``altloc`` (default: the
+  location with the highest total occupancy), with any altloc id (letters or digits), so every
+  biotite version gives the same residues;
 - every chain with amino-acid residues is a candidate (waters, ligands, nucleic acids dropped);
   modified residues (MSE, SEP, ...) are amino acids by the PDB chemical component dictionary
   and are kept;
@@ -33,6 +36,20 @@ BCIF_SUFFIXES = (".bcif",)
 STRUCTURE_SUFFIXES = PDB_SUFFIXES + CIF_SUFFIXES + BCIF_SUFFIXES
 ALTLOC_POLICIES = ("occupancy", "first")
 BLANK_CHAIN = "0"  # CATH's spelling of a blank chain id
+BLANK_ALTLOCS = ("", ".", "?")  # after stripping; PDB writes a space, mmCIF '.' or '?'
+# Bump whenever the same file can parse to different chains (it is part of the cache
+# fingerprint, so old caches are rebuilt). 2: own altloc selection (numeric ids kept), author
+# fields forced for mmCIF (biotite 2 reads label fields by default), content sniffing.
+PARSER_VERSION = 2
+SNIFF_BYTES = 65536
+GZIP_MAGIC = b"\x1f\x8b"
+# Record names a PDB file can start with (CATH dompdb starts at ATOM, SCOPe at HEADER/REMARK).
+PDB_RECORDS = frozenset(
+    "HEADER OBSLTE TITLE SPLIT CAVEAT COMPND SOURCE KEYWDS EXPDTA NUMMDL MDLTYP AUTHOR REVDAT "
+    "SPRSDE JRNL REMARK DBREF DBREF1 DBREF2 SEQADV SEQRES MODRES HET HETNAM HETSYN FORMUL "
+    "HELIX SHEET SSBOND LINK CISPEP SITE CRYST1 ORIGX1 SCALE1 MTRIX1 MODEL ATOM ANISOU HETATM "
+    "TER".split()
+)
 
 
 class StructureSkip(Exception):
@@ -67,13 +84,53 @@ def strip_suffixes(name: str) -> tuple[str, str, bool]:
     return base, "", gz
 
 
-def is_structure_file(path: Path) -> bool:
+def has_structure_suffix(path: Path) -> bool:
     return strip_suffixes(path.name)[1] != ""
+
+
+def sniff_format(head: bytes) -> str | None:
+    """'pdb', 'cif' or 'bcif' when a (decompressed) file's first bytes look like one, else None.
+
+    Text must start (after blank lines and, for mmCIF, comments) with ``data_`` or a PDB record
+    name; BinaryCIF is a MessagePack map holding ``dataBlocks``.
+    """
+    if head[:1] and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
+        return "bcif" if b"dataBlocks" in head else None
+    if b"\x00" in head:
+        return None
+    for line in head.decode("latin-1").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        if line.startswith("data_"):
+            return "cif"
+        record = line[:6].strip()
+        return "pdb" if record in PDB_RECORDS and line[:6] == line[:6].upper() else None
+    return None
+
+
+def sniff_file(path: Path) -> str | None:
+    """``sniff_format`` of a file's first bytes (gzip undone); None if unreadable."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(SNIFF_BYTES)
+            if head.startswith(GZIP_MAGIC):
+                f.seek(0)
+                with gzip.open(f) as g:
+                    head = g.read(SNIFF_BYTES)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return sniff_format(head)
+
+
+def is_structure_file(path: Path) -> bool:
+    """A structure suffix (``.pdb``, ``.cif.gz``, ...), or PDB/mmCIF/BCIF content."""
+    return has_structure_suffix(path) or sniff_file(path) is not None
 
 
 def _read_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
-    if path.name.lower().endswith(".gz"):
+    # By suffix, or by content for suffix-less files (a gzipped dompdb file, say).
+    if path.name.lower().endswith(".gz") or raw.startswith(GZIP_MAGIC):
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:
@@ -91,11 +148,11 @@ def _sniff_format(raw: bytes, suffix: str) -> str:
         return "cif"
     if suffix in PDB_SUFFIXES:
         return "pdb"
-    head = raw[:4096].lstrip()
-    if head.startswith(b"data_"):
-        return "cif"
-    try:
-        head.decode("ascii")
+    sniffed = sniff_format(raw[:SNIFF_BYTES])
+    if sniffed is not None:
+        return sniffed
+    try:  # unrecognised: text is read as PDB (biotite names what is wrong), binary as BCIF
+        raw[:4096].decode("ascii")
     except UnicodeDecodeError:
         return "bcif"
     return "pdb"
@@ -112,25 +169,76 @@ def _decode_text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def read_atoms(path: Path, altloc: str = "occupancy"):
-    """First model of a structure file as a biotite ``AtomArray`` (with occupancy)."""
+def _read_all_locations(raw: bytes, fmt: str):
+    """First model with every altloc (``altloc_id`` annotation, when the file has any)."""
     import biotite.structure.io.pdb as pdb
     import biotite.structure.io.pdbx as pdbx
 
+    if fmt == "pdb":
+        text = _decode_text(raw)
+        return pdb.PDBFile.read(io.StringIO(text)).get_structure(
+            model=1, altloc="all", extra_fields=["occupancy"]
+        )
+    if fmt == "bcif":
+        cif = pdbx.BinaryCIFFile.read(io.BytesIO(raw))
+    else:
+        cif = pdbx.CIFFile.read(io.StringIO(_decode_text(raw)))
+    # biotite 2 refuses altloc='all' without a label_alt_id column; such a file has no altlocs.
+    mode = "all" if "label_alt_id" in cif.block["atom_site"] else "first"
+    # Author chain ids and numbering, as in PDB files (biotite 2's default is the label fields).
+    return pdbx.get_structure(
+        cif, model=1, altloc=mode, extra_fields=["occupancy"], use_author_fields=True
+    )
+
+
+def select_altlocs(atoms, policy: str = "occupancy"):
+    """One alternate location per residue: the highest total occupancy, or the first listed.
+
+    A residue is a run of atoms with one chain, number and insertion code (so point mutants
+    listed as two residue names at one position are one residue); ties go to the first listed.
+    Atoms without an altloc id are always kept. Any id counts, letters or digits (biotite
+    before 2.0 drops digit ids, e.g. 1k6p's '1'/'2', and with them whole residues).
+    """
+    if "altloc_id" not in atoms.get_annotation_categories():
+        return atoms
+    ids = np.char.strip(atoms.altloc_id.astype(str))
+    alt = np.flatnonzero(~np.isin(ids, BLANK_ALTLOCS))
+    if alt.size == 0:
+        return atoms
+    n = atoms.array_length()
+    new_residue = np.zeros(n, dtype=bool)
+    new_residue[0] = True
+    for name in ("chain_id", "res_id", "ins_code"):
+        values = atoms.get_annotation(name)
+        new_residue[1:] |= values[1:] != values[:-1]
+    residue = np.cumsum(new_residue)[alt]  # non-decreasing along alt
+    if "occupancy" in atoms.get_annotation_categories():
+        occupancy = np.nan_to_num(atoms.occupancy.astype(np.float64))
+    else:
+        occupancy = np.ones(n)
+    keep = np.ones(n, dtype=bool)
+    keep[alt] = False
+    for group in np.split(alt, np.flatnonzero(np.diff(residue)) + 1):
+        locs = ids[group]
+        _, first = np.unique(locs, return_index=True)
+        order = locs[np.sort(first)]  # ids in order of appearance
+        chosen = order[0]
+        if policy == "occupancy":
+            totals = [occupancy[group[locs == loc]].sum() for loc in order]
+            chosen = order[int(np.argmax(totals))]  # argmax: first of equal totals
+        keep[group[locs == chosen]] = True
+    return atoms[keep]
+
+
+def read_atoms(path: Path, altloc: str = "occupancy"):
+    """First model of a structure file as a biotite ``AtomArray``, one altloc per residue."""
     raw = _read_bytes(path)
     fmt = _sniff_format(raw, strip_suffixes(path.name)[1])
     try:
         # biotite warns about e.g. missing element columns (CATH dompdb); not our reader's news.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if fmt == "bcif":
-                cif = pdbx.BinaryCIFFile.read(io.BytesIO(raw))
-                return pdbx.get_structure(cif, model=1, altloc=altloc)
-            text = _decode_text(raw)
-            if fmt == "cif":
-                cif = pdbx.CIFFile.read(io.StringIO(text))
-                return pdbx.get_structure(cif, model=1, altloc=altloc)
-            return pdb.PDBFile.read(io.StringIO(text)).get_structure(model=1, altloc=altloc)
+            atoms = _read_all_locations(raw, fmt)
     except StructureSkip:
         raise
     except Exception as err:  # biotite raises many types on malformed input
@@ -138,6 +246,7 @@ def read_atoms(path: Path, altloc: str = "occupancy"):
         raise StructureSkip(
             f"unreadable as {fmt.upper()} ({type(err).__name__}: {message[:160]})"
         ) from None
+    return select_altlocs(atoms, altloc)
 
 
 @lru_cache(maxsize=4096)

@@ -2,7 +2,8 @@
 
     provq-prep-structures ../shared/data/proteins --cache-dir runs/cache/proteins
 
-prints one line per skipped file (path and reason) and a summary of the counts; the cache is
+prints one line per skipped file (path and reason), a warning when more than a few files are
+not structures (each one at debug level) and a summary of the counts; the cache is
 what ``provq_lightning.datamodules.proteins.ProteinStructureDataModule`` reads. A source that
 does not exist or holds no structure file, or an option that selects nothing, is one
 ``<prog>: error:`` line and exit status 1.
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.protein.cache import CacheSettings, prepare_cache
+from provq_lightning.protein.cache import CacheSettings, counts_line, log_ignored, prepare_cache
 from provq_lightning.protein.parsing import ALTLOC_POLICIES, ParseOptions
 from provq_lightning.protein.paths import resolve_data_path
 
@@ -67,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0 <= args.val_fraction < 1:
-        raise ProvqError(f"--val-fraction {args.val_fraction} must lie in [0, 1)")
+    if not 0 <= args.val_fraction <= 1:
+        raise ProvqError(
+            f"--val-fraction {args.val_fraction} must lie in [0, 1] (1 puts every chain in the "
+            "validation split, for evaluating a trained model)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     settings = CacheSettings(
         options=ParseOptions(args.altloc, args.min_length, args.max_length),
@@ -86,13 +90,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         force=args.force,
     )
-    c = manifest["counts"]
-    print(
-        f"{c['files']} structure files: {c['loaded']} loaded, {c['skipped']} skipped "
-        f"({c['ignored']} other files ignored); chains train {c['chains']['train']}, "
-        f"val {c['chains']['val']} ({c['dropped_chains']} chains dropped by the filters); "
-        f"residues train {c['residues']['train']}, val {c['residues']['val']}"
-    )
+    log_ignored(manifest)
+    print(counts_line(manifest))
     print(f"cache: {args.cache_dir} (fingerprint {manifest['fingerprint']})")
     return 0
 

@@ -149,3 +149,23 @@ def test_datamodule_builds_its_cache_and_loads(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch["coords"].shape[0] == min(2, len(dm.train_set))
     assert len(list(dm.predict_dataloader())) == 4
+
+
+def test_fingerprint_follows_the_parser_and_biotite_versions(tmp_path, monkeypatch):
+    import biotite
+
+    from provq_lightning.protein import parsing
+
+    src = tmp_path / "1aki.pdb"
+    shutil.copy(EDGE / "1aki.pdb", src)
+    settings = cache_mod.CacheSettings()
+    base = cache_mod.fingerprint([src], settings)
+    assert cache_mod.fingerprint([src], settings) == base
+    monkeypatch.setattr(parsing, "PARSER_VERSION", parsing.PARSER_VERSION + 1)
+    bumped = cache_mod.fingerprint([src], settings)
+    assert bumped != base
+    monkeypatch.setattr(biotite, "__version__", biotite.__version__ + ".post1")
+    assert cache_mod.fingerprint([src], settings) not in (base, bumped)
+    manifest = prepare_cache([src], tmp_path / "c", progress=False)
+    assert manifest["readers"] == {"parser": parsing.PARSER_VERSION,
+                                   "biotite": biotite.__version__}

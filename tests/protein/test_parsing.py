@@ -74,6 +74,21 @@ def test_altloc_defaults_to_highest_occupancy(proteins_dir, tmp_path):
     np.testing.assert_allclose(first.coords[glu, 1], [46.352, -3.160, 2.845], atol=1e-3)
 
 
+@pytest.mark.parametrize("suffix", [".pdb", ".cif"])
+def test_numeric_altloc_residues_are_kept(proteins_dir, suffix):
+    # 1k6p labels its alternate locations '1' and '2' (biotite < 2.0 dropped such residues).
+    chains = parse_structure(EDGE / f"1k6p{suffix}").chains
+    assert [c.id for c in chains] == ["1k6p_A", "1k6p_B"]
+    assert [len(c) for c in chains] == [99, 99]
+    assert all(c.backbone_mask.all() for c in chains)
+    assert all((np.diff(c.residue_index) == 1).all() for c in chains)  # nothing missing
+    # Residue 50 of chain A: both locations at occupancy 0.50; the tie goes to the first
+    # listed, '1' (CA 2.801, -5.050, 10.589), not '2' (2.877, -5.026, 10.528).
+    ile50 = 49  # chain A is numbered 1..99 without gaps
+    assert chains[0].sequence[ile50] == "I"
+    np.testing.assert_allclose(chains[0].coords[ile50, 1], [2.801, -5.050, 10.589], atol=1e-3)
+
+
 def test_insertion_codes_kept_in_file_order(proteins_dir):
     import biotite.structure as struc
     import biotite.structure.io.pdb as pdb
@@ -89,9 +104,10 @@ def test_insertion_codes_kept_in_file_order(proteins_dir):
 
 
 def test_unobserved_residues_leave_gaps_and_negative_ids_work(proteins_dir):
-    chains = parse_structure(EDGE / "1k6p.pdb").chains
-    assert [c.id for c in chains] == ["1k6p_A", "1k6p_B"]
-    assert any((np.diff(c.residue_index) > 1).any() for c in chains)
+    # 1a04A02 skips residue numbers where residues are unobserved. (1k6p's "gaps" used to be
+    # residues with numeric altlocs that old biotite dropped; they are kept now.)
+    gapped = only_chain(proteins_dir / "cath_domains" / "1a04A02.pdb")
+    assert (np.diff(gapped.residue_index) > 1).sum() == 1
     neg = only_chain(EDGE / "1o1z.pdb")
     assert neg.residue_index[0] == 0 and (np.diff(neg.residue_index) >= 1).all()
 
