@@ -7,12 +7,15 @@ the final) metrics, and a crashed run still leaves its last ones. Keys:
 - ``val/...``, ``test/...``: numbers; a NaN/inf metric (JSON has none) is written as the string
   ``"nan"``, ``"inf"`` or ``"-inf"`` (``float()`` reads them back) and its name is listed in
   ``nonfinite`` (present only then);
-- ``global_step``: the step of the latest write;
+- ``global_step``: the step of the latest write; for ``provq-fit validate|test``, the step
+  of the evaluated checkpoint;
+- ``checkpoint`` (evaluations only): the evaluated checkpoint's path;
 - ``status`` (fit runs only): ``running`` while training, then ``finished``, ``failed``
   (an exception; ``error`` holds its first line) or ``interrupted`` (Ctrl-C, SIGTERM, or a
   callback with a public ``requeued`` attribute set True, e.g. on SLURM preemption). The final
   status is written even when the run ends before any validation. ``provq-fit validate|test``
-  leave it as the fit left it (in a directory without a fit they write ``finished``).
+  leave it as the fit left it (in a directory without a fit they write ``finished``); the CLI
+  gives them their own directory (``provq_lightning.eval_dir``), so a fit's file is its own.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 PREFIXES = ("val/", "test/")
 # Keys that are not metrics; readers that want numbers only skip them.
-NON_METRIC_KEYS = ("global_step", "status", "error", "nonfinite")
+NON_METRIC_KEYS = ("global_step", "status", "error", "nonfinite", "checkpoint")
 RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
 
 
@@ -81,11 +84,19 @@ class MetricsJsonCallback(Callback):
     def __init__(self, filename: str = "metrics.json") -> None:
         self.filename = filename
         self._log_dir: str | None = None
+        self._checkpoint_step: int | None = None  # of the checkpoint an evaluation restored
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # `trainer.log_dir` is a broadcast under DDP, which every rank must join: ask here, where
         # all ranks are, not in `on_exception`, which may run on one rank only.
         self._log_dir = trainer.log_dir
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # validate/test restore only the weights, so trainer.global_step stays 0 there.
+        step = checkpoint.get("global_step")
+        self._checkpoint_step = int(step) if step is not None else None
 
     def _path(self, trainer: Trainer, ask: bool) -> Path | None:
         log_dir = trainer.log_dir if ask else self._log_dir
@@ -103,6 +114,7 @@ class MetricsJsonCallback(Callback):
         status: str,
         error: str = "",
         keep_status: bool = False,
+        step: int | None = None,
     ) -> None:
         existing = _read(path)
         # Keep test metrics written by an earlier `provq-fit test` next to new val metrics.
@@ -113,7 +125,7 @@ class MetricsJsonCallback(Callback):
         existing.pop("nonfinite", None)
         if nonfinite:
             existing["nonfinite"] = nonfinite
-        existing["global_step"] = float(trainer.global_step)
+        existing["global_step"] = float(trainer.global_step if step is None else step)
         if not (keep_status and "status" in existing):
             existing["status"] = status
             existing.pop("error", None)
@@ -134,7 +146,10 @@ class MetricsJsonCallback(Callback):
         if trainer.state.fn == TrainerFn.FITTING:
             self._update(path, trainer, metrics, RUNNING)
         else:  # validate/test: the fit's status stays; without one the evaluation's is recorded
-            self._update(path, trainer, metrics, FINISHED, keep_status=True)
+            if trainer.ckpt_path:
+                metrics["checkpoint"] = str(Path(trainer.ckpt_path).resolve())
+            step = self._checkpoint_step if trainer.ckpt_path else None
+            self._update(path, trainer, metrics, FINISHED, keep_status=True, step=step)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write(trainer)

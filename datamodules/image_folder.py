@@ -4,6 +4,8 @@ Reads an ImageNet-layout folder (``<wnid>/*.JPEG``) or a flat folder of ``<wnid>
 (the shared sample photos), with the same crops and batch format as ``ImageNetDataModule``.
 A deterministic hold-out (``val_fraction``, chosen by a hash of the file name, so it does not
 move when files are added) gives a validation set when there is no separate folder.
+``test_root`` is what ``provq-fit test`` evaluates: any folder of pictures (searched
+recursively, any file names, no classes needed).
 Training reads through an ``EpochSampler`` (``DistributedSampler``'s epoch-seeded order, ranks
 interleaved under DDP) behind a resumable loader: a run resumed mid-epoch from a checkpoint
 continues with the batches and crops the uninterrupted run would have used (see
@@ -14,7 +16,9 @@ meant to be clean (stream shards for large, messy sets).
 from __future__ import annotations
 
 import random
+import re
 import zlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +26,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from provq_lightning.datamodules.imagenet import read_class_list, resolve_path
-from provq_lightning.image.make_shards import SourceImage, find_images
+from provq_lightning.errors import ProvqError
+from provq_lightning.image.make_shards import IMAGE_SUFFIXES, SourceImage, find_images
 from provq_lightning.image.transforms import (
     UndecodableImage,
     center_crop,
@@ -40,13 +45,28 @@ from provq_lightning.stream_position import (
 
 
 def holdout(images: list[SourceImage], fraction: float) -> tuple[list, list]:
-    """Split by a hash of each key: (train, val)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {fraction}")
+    """Split by a hash of each key: (train, val); ``fraction`` 1.0 holds out every image."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1], got {fraction}")
     cut = int(fraction * 2**32)
     val = [im for im in images if zlib.crc32(im.key.encode()) < cut]
     train = [im for im in images if zlib.crc32(im.key.encode()) >= cut]
     return train, val
+
+
+def any_images(root: Path) -> list[SourceImage]:
+    """Every picture under ``root``, recursively, whatever its name; no class (label -1)."""
+    if not root.is_dir():
+        raise ProvqError(f"test_root {root} is not a folder; give a folder of pictures")
+    paths = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not paths:
+        raise ProvqError(f"no pictures ({', '.join(sorted(IMAGE_SUFFIXES))}) under test_root "
+                         f"{root}; give a folder that holds some")
+    # The relative path (suffix included) keeps keys unique; webdataset-safe characters only.
+    keys = [re.sub(r"[^A-Za-z0-9_\-]", "_", str(p.relative_to(root))) for p in paths]
+    return [SourceImage(p, "", key) for p, key in zip(paths, keys, strict=True)]
 
 
 class FolderImages(Dataset):
@@ -109,6 +129,8 @@ class ImageFolderDataModule(LightningDataModule):
         image_size, batch_size, num_workers: as usual.
         class_list: only these wnids (one per line).
         seed, min_crop_frac, max_crop_frac: augmentation (see ``transforms.random_crop``).
+        test_root: what ``provq-fit test`` evaluates: any folder of pictures (recursive, any
+            names); ``root`` is then not read. None: test on the validation images.
     """
 
     def __init__(
@@ -125,6 +147,7 @@ class ImageFolderDataModule(LightningDataModule):
         min_crop_frac: float = 0.8,
         max_crop_frac: float = 1.0,
         drop_last: bool = True,
+        test_root: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -139,11 +162,21 @@ class ImageFolderDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
+        if stage == "test" and hp.test_root is not None:
+            images = any_images(resolve_path(hp.test_root))
+            self.test_set = FolderImages(images, {}, hp.image_size, train=False, seed=hp.seed)
+            return
         train = self._images(hp.root)
         if hp.val_root is not None:
             val = self._images(hp.val_root)
         else:
             train, val = holdout(train, hp.val_fraction)
+        if stage == "fit" and not train:
+            raise ProvqError(
+                f"data.init_args.val_fraction {hp.val_fraction} holds out every image of "
+                f"{hp.root}, so there is nothing to train on; use it with provq-fit "
+                "validate/test only, or lower it to fit"
+            )
         wnids = sorted({im.wnid for im in train + val})
         index = {w: i for i, w in enumerate(wnids)}
         common = dict(class_index=index, image_size=hp.image_size, seed=hp.seed)
@@ -181,6 +214,10 @@ class ImageFolderDataModule(LightningDataModule):
         )
 
     def test_dataloader(self) -> DataLoader | list:
+        if self.hparams.test_root is not None:
+            hp = self.hparams
+            return DataLoader(self.test_set, batch_size=hp.val_batch_size or hp.batch_size,
+                              shuffle=False, num_workers=hp.num_workers)
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:

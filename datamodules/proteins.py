@@ -20,19 +20,24 @@ import bisect
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
+from provq_lightning.errors import ProvqError
 from provq_lightning.protein.cache import (
     CacheSettings,
+    counts_line,
     discover,
     fingerprint,
     load_manifest,
     load_shard,
+    log_ignored,
     prepare_cache,
     unpack_chain,
 )
@@ -161,9 +166,13 @@ class ProteinStructureDataModule(LightningDataModule):
         min_length: minimum residues with a full N/CA/C backbone for a chain to be used.
         max_length: drop chains longer than this (default: keep, and crop).
         crop_length: contiguous window length for training (random) and evaluation (first).
-        val_fraction, split_seed: the deterministic by-entry train/val split.
+        val_fraction, split_seed: the deterministic by-entry train/val split; ``1.0`` puts
+            every chain in validation (``provq-fit validate`` on a whole set; a fit refuses it).
         batch_size, num_workers: data loading.
         prep_workers: processes for parsing when the cache is built.
+        test_sources: what ``provq-fit test`` evaluates, every chain of it (no split, no
+            ``chains`` filter), in its own cache next to ``cache_dir``; the training
+            ``sources`` are then not read. None: test on the validation split.
     """
 
     def __init__(
@@ -180,10 +189,12 @@ class ProteinStructureDataModule(LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         prep_workers: int = 1,
+        test_sources: str | list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.sources = [sources] if isinstance(sources, str) else list(sources)
+        self.test_sources = [test_sources] if isinstance(test_sources, str) else test_sources
         self.settings = CacheSettings(
             options=ParseOptions(altloc, min_length, max_length),
             val_fraction=val_fraction,
@@ -207,18 +218,53 @@ class ProteinStructureDataModule(LightningDataModule):
         fp = fingerprint(discover(self.resolved_sources()).files, self.settings)
         return Path("runs") / "cache" / f"proteins-{fp}"
 
+    # -- test_sources: a separate set that provq-fit test evaluates whole ------------------
+    @property
+    def test_settings(self) -> CacheSettings:
+        return replace(self.settings, val_fraction=1.0, chains=None)
+
+    @property
+    def test_cache_dir(self) -> Path:
+        files = discover([resolve_data_path(s) for s in self.test_sources]).files
+        parent = self.cache_dir.parent if self._cache_dir is not None else Path("runs") / "cache"
+        return parent / f"proteins-{fingerprint(files, self.test_settings)}"
+
+    def _tests_other_sources(self, stage: str | None = None) -> bool:
+        if self.test_sources is None:
+            return False
+        if self.trainer is not None:
+            return self.trainer.state.fn == TrainerFn.TESTING
+        return stage == "test"
+
+    def _prepare_test_cache(self) -> None:
+        sources = [resolve_data_path(s) for s in self.test_sources]
+        manifest = prepare_cache(
+            sources, self.test_cache_dir, self.test_settings, workers=self.prep_workers
+        )
+        log_ignored(manifest)
+        print(f"test structures: {counts_line(manifest)} (cache {self.test_cache_dir})",
+              flush=True)
+
     def prepare_data(self) -> None:
+        if self._tests_other_sources():
+            self._prepare_test_cache()  # the training sources are not needed (nor read)
+            return
         manifest = prepare_cache(
             self.resolved_sources(), self.cache_dir, self.settings, workers=self.prep_workers
         )
-        c = manifest["counts"]
-        log.info(
-            "structures: %d files, %d loaded, %d skipped; chains train %d, val %d (cache %s)",
-            c["files"], c["loaded"], c["skipped"], c["chains"]["train"], c["chains"]["val"],
-            self.cache_dir,
-        )
+        # Printed, not logged at INFO: provq-fit shows no INFO lines, and a run that silently
+        # used 4 of 70 files is the failure this line exists to expose.
+        log_ignored(manifest)
+        print(f"structures: {counts_line(manifest)} (cache {self.cache_dir})", flush=True)
 
     def setup(self, stage: str | None = None) -> None:
+        if self._tests_other_sources(stage):
+            if self.trainer is None:
+                self._prepare_test_cache()
+            self.test_set = CachedStructures(
+                self.test_cache_dir, "val", self.crop_length, random_crop=False
+            )
+            return
         cache = self.cache_dir
         # Outside a Trainer (provq-tokenize, scripts) nobody calls prepare_data; build or check
         # the cache here. Under a Trainer, prepare_data already ran once (rank 0).
@@ -227,6 +273,12 @@ class ProteinStructureDataModule(LightningDataModule):
         self.train_set = CachedStructures(cache, "train", self.crop_length, random_crop=True)
         self.val_set = CachedStructures(cache, "val", self.crop_length, random_crop=False)
         if len(self.train_set) == 0 and stage in (None, "fit"):
+            if self.settings.val_fraction >= 1.0:
+                raise ProvqError(
+                    "data.init_args.val_fraction 1.0 holds every chain out for validation, so "
+                    "there is nothing to train on; use it with provq-fit validate/test only, "
+                    "or set val_fraction below 1 to fit"
+                )
             raise ValueError(
                 f"structure cache {cache} has no training chains; see its skipped.tsv and "
                 "manifest.json for why files were skipped"
@@ -261,6 +313,8 @@ class ProteinStructureDataModule(LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        if self.test_sources is not None:
+            return self._loader(self.test_set, shuffle=False)
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:

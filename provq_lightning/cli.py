@@ -36,6 +36,13 @@ from provq_lightning.curriculum_args import (
     apply_curriculum_overrides,
 )
 from provq_lightning.errors import ProvqError
+from provq_lightning.eval_dir import (
+    EVAL_SUBDIR,
+    EVALUATING,
+    fit_run_written_by,
+    last_checkpoint,
+    new_eval_version,
+)
 from provq_lightning.run_dir import (
     LAST_CHECKPOINT,
     RunLock,
@@ -157,6 +164,8 @@ _HELD_LOCKS: list[RunLock] = []
 
 # Set by rank 0's process so the ranks it launches resume the same run without looking again.
 _RESUME_ENV = "PROVQ_RESUME_VERSION"
+# Likewise the evaluation directory rank 0 chose (its name holds a time stamp).
+_EVAL_ENV = "PROVQ_EVAL_VERSION"
 
 
 class ProvqCLI(LightningCLI):
@@ -208,6 +217,8 @@ class ProvqCLI(LightningCLI):
             apply_curriculum_overrides(self.config[self.subcommand])
         if self.subcommand == "fit":
             self._resolve_last_checkpoint(self.config["fit"])
+        if self.subcommand in EVALUATING:
+            self._redirect_evaluation(self.config[self.subcommand], self.subcommand)
         predict = self.config.get("predict") if self.subcommand == "predict" else None
         if predict is not None and predict.get("return_predictions") is None:
             # The writer saves the codes; keeping every batch's codes in memory too could
@@ -243,6 +254,34 @@ class ProvqCLI(LightningCLI):
         os.environ[_RESUME_ENV] = version
         if _is_launch_rank_zero():
             print(f"[provq] --ckpt_path last: resuming {target}")
+
+    @staticmethod
+    def _redirect_evaluation(config: Any, subcommand: str) -> None:
+        """validate/test/predict never write into a fit's run directory: its metrics.json,
+        config.yaml and events stay the fit's; the evaluation gets ``<run>/eval/<name>``
+        (see ``provq_lightning.eval_dir``)."""
+        logger_args = _logger_args(config.get("trainer"))
+        if logger_args is None:
+            return  # no file-based logger: nothing is written into a run directory
+        save_dir, name = logger_args.save_dir or "runs", logger_args.name or ""
+        if config.get("ckpt_path") == "last":
+            # Lightning would look for last.ckpt in the evaluation's own (new) directory.
+            found = last_checkpoint(save_dir, name, logger_args.version)
+            if found is None:
+                raise ProvqError(
+                    f"--ckpt_path last: no run with a last.ckpt under {Path(save_dir) / name}; "
+                    "give the checkpoint's path (--ckpt_path <run>/checkpoints/last.ckpt)"
+                )
+            config["ckpt_path"] = str(found)
+        run = fit_run_written_by(save_dir, name, logger_args.version, config.get("ckpt_path"))
+        if run is None:
+            return
+        version = os.environ.get(_EVAL_ENV) or new_eval_version(run, subcommand)
+        os.environ[_EVAL_ENV] = version
+        logger_args.save_dir, logger_args.name, logger_args.version = str(run), EVAL_SUBDIR, version
+        if _is_launch_rank_zero():
+            print(f"[provq] {subcommand} writes into {run / EVAL_SUBDIR / version}, never into "
+                  f"the fit's run directory {run}")
 
     def before_fit(self) -> None:
         if not _is_launch_rank_zero():
@@ -331,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         while _HELD_LOCKS:
             _HELD_LOCKS.pop().release()
         os.environ.pop(_RESUME_ENV, None)  # in-process callers (tests) start clean next time
+        os.environ.pop(_EVAL_ENV, None)
 
 
 def _state_dict_mismatch(err: RuntimeError) -> ProvqError:

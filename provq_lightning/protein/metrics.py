@@ -1,6 +1,8 @@
 """Structure reconstruction metrics: per-structure values averaged over the whole set.
 
-Both metrics keep a (sum, count) pair summed across DDP ranks, so the reported value is the
+Backbone RMSD, CA lDDT and CA TM-score, each equal to biotite's (``superimpose`` + ``rmsd``,
+``lddt``, ``tm_score``; ``tests/protein/test_metric_parity.py``), batched on the device. Every
+metric keeps a (sum, count) pair summed across DDP ranks, so the reported value is the
 mean over every structure of the validation/test set, not a mean of per-batch means.
 """
 
@@ -11,10 +13,11 @@ from abc import abstractmethod
 import torch
 from torchmetrics import Metric
 
-from provq_lightning.protein.geometry import kabsch_rmsd
+from provq_lightning.protein.geometry import kabsch, kabsch_rmsd
 
 LDDT_CUTOFF = 15.0
 LDDT_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
+TM_D0_MIN = 0.5  # Angstrom; the d0 floor biotite (and TM-score for short chains) uses
 
 
 def backbone_rmsd(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -51,6 +54,32 @@ def lddt_ca(
     has = n_pairs > 0
     score = (per_res * has).sum(-1) / has.sum(-1).clamp_min(1)
     return score.to(pred_ca.dtype)
+
+
+def tm_d0(length: torch.Tensor) -> torch.Tensor:
+    """TM-score distance scale d0(L) = 1.24 (L - 15)^(1/3) - 1.8 (Zhang & Skolnick 2004),
+    floored at ``TM_D0_MIN`` so that short chains get a positive scale."""
+    cube = (length.double() - 15.0).clamp_min(0.0).pow(1.0 / 3.0)
+    return (1.24 * cube - 1.8).clamp_min(TM_D0_MIN)
+
+
+def tm_score_ca(pred_ca: torch.Tensor, true_ca: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CA TM-score per structure (B,) in [0, 1], normalised by the true structure's length.
+
+    ``pred_ca`` is superimposed onto ``true_ca`` (B, L, 3) by Kabsch on the masked CA atoms,
+    then ``mean_i 1 / (1 + (d_i / d0(L))^2)`` over the L masked residues: biotite's
+    ``tm_score(true, superimposed, i, i, reference_length="reference")``. Residues correspond
+    one to one (a reconstruction), so no alignment search is needed; the least-squares
+    superposition can only give a TM-score at or below TM-align's, which searches for the
+    superposition that maximises it.
+    """
+    rot, trans = kabsch(pred_ca.double(), true_ca.double(), mask)
+    moved = torch.einsum("bij,bpj->bpi", rot, pred_ca.double()) + trans[:, None]
+    dist = (moved - true_ca.double()).norm(dim=-1)
+    length = mask.sum(-1)
+    d0 = tm_d0(length).unsqueeze(-1)
+    per_res = (1.0 / (1.0 + (dist / d0).pow(2))) * mask.double()
+    return (per_res.sum(-1) / length.clamp_min(1)).to(pred_ca.dtype)
 
 
 class StructureMean(Metric):
@@ -92,3 +121,10 @@ class CALDDT(StructureMean):
 
     def per_structure(self, pred, true, mask):
         return lddt_ca(pred[:, :, 1], true[:, :, 1], mask)
+
+
+class TMScore(StructureMean):
+    higher_is_better = True
+
+    def per_structure(self, pred, true, mask):
+        return tm_score_ca(pred[:, :, 1], true[:, :, 1], mask)

@@ -25,7 +25,7 @@ from provq_lightning.protein.losses import (
     backbone_distance_loss,
     distogram_loss,
 )
-from provq_lightning.protein.metrics import CALDDT, BackboneRMSD
+from provq_lightning.protein.metrics import CALDDT, BackboneRMSD, TMScore
 from provq_lightning.protein.pdb_io import write_backbone_pdb
 from provq_lightning.quantizer import VectorQuantizer
 from provq_lightning.tokenizer import VQTokenizer
@@ -103,6 +103,7 @@ class ProteinTokenizer(VQTokenizer):
         )
         self.rmsd = nn.ModuleDict({"val": BackboneRMSD(), "test": BackboneRMSD()})
         self.lddt = nn.ModuleDict({"val": CALDDT(), "test": CALDDT()})
+        self.tm_score = nn.ModuleDict({"val": TMScore(), "test": TMScore()})
 
     # -- model ------------------------------------------------------------------------------
     def encode(self, batch: dict) -> torch.Tensor:
@@ -164,6 +165,7 @@ class ProteinTokenizer(VQTokenizer):
         true = batch["coords"][:, :, :3]
         self.rmsd[prefix].update(out.backbone.float(), true, mask)
         self.lddt[prefix].update(out.backbone.float(), true, mask)
+        self.tm_score[prefix].update(out.backbone.float(), true, mask)
         self.update_codebook_metrics(q.indices, mask)
         b = max(int(mask.any(-1).sum()), 1)
         values = {"recon": recon, "vq": q.loss, **losses}
@@ -177,7 +179,9 @@ class ProteinTokenizer(VQTokenizer):
         self._evaluate(batch, "test")
 
     def _log_structure_metrics(self, prefix: str) -> None:
-        for name, metric in (("rmsd", self.rmsd[prefix]), ("lddt", self.lddt[prefix])):
+        for name, per_stage in (("rmsd", self.rmsd), ("lddt", self.lddt),
+                                ("tm_score", self.tm_score)):
+            metric = per_stage[prefix]
             if metric.update_called:
                 self.log(f"{prefix}/{name}", metric.compute())
             metric.reset()

@@ -121,8 +121,12 @@ def test_fit_writes_config_and_metrics_then_validate_and_test_work(tmp_path):
     # A second invocation in the same directory (a requeue) must not trip over config.yaml.
     val = provq_fit("validate", *common, "--ckpt_path", ckpt)
     assert val.returncode == 0, val.stderr[-3000:]
-    again = json.loads((run / "metrics.json").read_text())
+    # Evaluations write into <run>/eval/<subcommand>-<time>, never into the fit's files.
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    (val_dir,) = (run / "eval").glob("validate-*")
+    again = json.loads((val_dir / "metrics.json").read_text())
     assert again["val/mse_triangle"] == metrics["val/mse_triangle"]
     test = provq_fit("test", *common, "--ckpt_path", ckpt)
     assert test.returncode == 0, test.stderr[-3000:]
-    assert "test/mse_triangle" in json.loads((run / "metrics.json").read_text())
+    (test_dir,) = (run / "eval").glob("test-*")
+    assert "test/mse_triangle" in json.loads((test_dir / "metrics.json").read_text())

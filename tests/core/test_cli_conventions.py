@@ -54,7 +54,7 @@ def predict_then_compare_with_tokenize(run: Path, tmp: Path, fmt: str = "npy") -
                    "--device", "cpu"])
     args = ["predict", "--config", config, "--ckpt_path", ckpt]
     if fmt == "npy":
-        predictions = run / "predictions"  # the default: <run dir>/predictions
+        predictions = None  # the default: <run dir>/predictions of the predict run
     else:  # a writer in the config (or on the command line) replaces the default one
         predictions = tmp / "configured"
         writer = "provq_lightning.callbacks.prediction_writer.CodePredictionWriter"
@@ -63,7 +63,9 @@ def predict_then_compare_with_tokenize(run: Path, tmp: Path, fmt: str = "npy") -
                  "--trainer.callbacks.format", fmt]
     provq_fit(*args)
     if fmt != "npy":
-        assert not (run / "predictions").exists()  # the configured writer only
+        assert not list(run.rglob("predictions"))  # the configured writer only
+    else:  # an evaluation's run directory: <fit run>/eval/predict-<time>
+        (predictions,) = run.glob("eval/predict-*/predictions")
     expected = tree(tokens)
     assert "meta.json" in expected and tree(predictions) == expected
     return expected

@@ -147,7 +147,9 @@ def test_kmeans_seeding_curriculum_and_metrics_agree_across_ranks(tmp_path, mode
     argv = ["validate", "--config", str(config), "--ckpt_path", str(ckpt)]
     assert launch.fit(argv, tmp_path / "single.log") == 0, (tmp_path / "single.log").read_text()
     single = json.loads((tmp_path / "topodisc" / "single" / "metrics.json").read_text())
-    assert single.keys() == ddp_metrics.keys()
+    # An evaluation's metrics.json also names the checkpoint, and its step is the checkpoint's.
+    assert single.keys() == ddp_metrics.keys() | {"checkpoint"}
+    assert single["global_step"] == STEPS and single["checkpoint"] == str(ckpt.resolve())
     for key in CODEBOOK_METRICS:
         assert single[key] == ddp_metrics[key], key
     for key in ("val/mse", "val/mse_disk", "val/mse_triangle"):
