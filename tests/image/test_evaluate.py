@@ -5,10 +5,8 @@ of the training run byte-identical."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,26 +14,8 @@ import yaml
 from PIL import Image
 
 from provq_lightning.protein.paths import REPO_ROOT
+from tests.eval_helpers import provq_fit, run_files
 from tests.image.conftest import TINY, jpeg_bytes, write_flat_folder
-
-
-def provq_fit(*args: str) -> None:
-    from provq_lightning.cli import main
-
-    argv = sys.argv
-    try:
-        main(list(args))
-    finally:
-        sys.argv = argv
-
-
-def run_files(run: Path) -> dict[str, str]:
-    """sha256 of every file of the run directory except the evaluations' ``eval/``."""
-    return {
-        str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(run.rglob("*"))
-        if p.is_file() and p.relative_to(run).parts[0] != "eval"
-    }
 
 
 def write_pictures(root: Path) -> int:
@@ -55,16 +35,19 @@ def write_pictures(root: Path) -> int:
 def test_test_on_a_folder_of_pictures_writes_its_own_dir_and_leaves_the_run_untouched(tmp_path):
     write_flat_folder(tmp_path / "photos", 12)
     cfg = yaml.safe_load((REPO_ROOT / "experiments" / "imagenet_sample_64px.yaml").read_text())
-    cfg["trainer"].update(max_steps=2, val_check_interval=2, enable_progress_bar=False,
-                          enable_model_summary=False)
+    cfg["trainer"].update(
+        max_steps=2, val_check_interval=2, enable_progress_bar=False, enable_model_summary=False
+    )
     # No pinned version: the run's own config.yaml makes Lightning pick a fresh version_N, so
     # the evaluation finds its run from the checkpoint's path.
     cfg["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path), name="img")
     cfg["trainer"]["callbacks"][0]["init_args"].update(
-        warmup_steps=1, transition_steps=0, kmeans_samples=16, kmeans_collect_batches=1)
+        warmup_steps=1, transition_steps=0, kmeans_samples=16, kmeans_collect_batches=1
+    )
     cfg["model"]["init_args"].update({**TINY, "disc_weight": 0.0, "num_codes": 16})
-    cfg["data"]["init_args"].update(root=str(tmp_path / "photos"), image_size=16, batch_size=4,
-                                    num_workers=0, val_fraction=0.25)
+    cfg["data"]["init_args"].update(
+        root=str(tmp_path / "photos"), image_size=16, batch_size=4, num_workers=0, val_fraction=0.25
+    )
     config = tmp_path / "fit.yaml"
     config.write_text(yaml.safe_dump(cfg))
     provq_fit("--config", str(config))
@@ -77,9 +60,17 @@ def test_test_on_a_folder_of_pictures_writes_its_own_dir_and_leaves_the_run_unto
     pictures = tmp_path / "pictures"
     count = write_pictures(pictures)
     # The training folder is gone: a test on test_root must not need it.
-    provq_fit("test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt),
-              "--data.init_args.test_root", str(pictures),
-              "--data.init_args.root", str(tmp_path / "gone"))
+    provq_fit(
+        "test",
+        "--config",
+        str(run / "config.yaml"),
+        "--ckpt_path",
+        str(ckpt),
+        "--data.init_args.test_root",
+        str(pictures),
+        "--data.init_args.root",
+        str(tmp_path / "gone"),
+    )
     assert run_files(run) == before
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["version_0"]
     (evaluation,) = (run / "eval").iterdir()
@@ -88,15 +79,21 @@ def test_test_on_a_folder_of_pictures_writes_its_own_dir_and_leaves_the_run_unto
     assert metrics["global_step"] == fit_metrics["global_step"] == 2.0
     assert metrics["checkpoint"] == str(ckpt.resolve())
     assert any(k.startswith("test/") for k in metrics) and not any(
-        k.startswith("test/") for k in fit_metrics)
+        k.startswith("test/") for k in fit_metrics
+    )
     assert (evaluation / "config.yaml").is_file()
 
     from provq_lightning.datamodules.image_folder import ImageFolderDataModule
 
-    data = ImageFolderDataModule(root=str(tmp_path / "gone"), test_root=str(pictures),
-                                 image_size=16, batch_size=8)
+    data = ImageFolderDataModule(
+        root=str(tmp_path / "gone"), test_root=str(pictures), image_size=16, batch_size=8
+    )
     data.setup("test")
     batch = next(iter(data.test_dataloader()))
     assert batch["image"].shape == (count, 3, 16, 16)  # every picture, the .txt ignored
-    assert sorted(batch["key"]) == ["IMG_0001_jpg", "holiday_beach_jpg", "holiday_drawing_png",
-                                    "my_cat_JPEG"]
+    assert sorted(batch["key"]) == [
+        "IMG_0001_jpg",
+        "holiday_beach_jpg",
+        "holiday_drawing_png",
+        "my_cat_JPEG",
+    ]

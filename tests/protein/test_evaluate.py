@@ -4,10 +4,8 @@ writes into ``<run>/eval/...`` and leaves every file of the training run byte-id
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,30 +13,12 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from provq_lightning.protein.paths import REPO_ROOT
+from tests.eval_helpers import provq_fit, run_files
 from tests.protein.conftest import EDGE, PROTEINS
 from tests.protein.test_tokenizer import TINY
 
 TRAIN_FILES = ("1aki.pdb", "1k6p.pdb", "3o5r.cif")
 NEW_FILES = ("1a04A02.pdb", "1fseB00.pdb")  # CATH domains the model never saw
-
-
-def provq_fit(*args: str) -> None:
-    from provq_lightning.cli import main
-
-    argv = sys.argv
-    try:
-        main(list(args))
-    finally:
-        sys.argv = argv
-
-
-def run_files(run: Path) -> dict[str, str]:
-    """sha256 of every file of the run directory except the evaluations' ``eval/``."""
-    return {
-        str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(run.rglob("*"))
-        if p.is_file() and p.relative_to(run).parts[0] != "eval"
-    }
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +33,21 @@ def trained(tmp_path_factory, proteins_dir) -> tuple[Path, Path]:
     for name in NEW_FILES:
         shutil.copy(PROTEINS / "cath_domains" / name, new / name)
     cfg = yaml.safe_load((REPO_ROOT / "experiments" / "proteins_sample.yaml").read_text())
-    cfg["trainer"].update(max_steps=4, val_check_interval=4, enable_progress_bar=False,
-                          enable_model_summary=False)
+    cfg["trainer"].update(
+        max_steps=4, val_check_interval=4, enable_progress_bar=False, enable_model_summary=False
+    )
     cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out), version="t")
     cfg["trainer"]["callbacks"][0]["init_args"].update(
-        warmup_steps=1, transition_steps=1, kmeans_collect_batches=1)
+        warmup_steps=1, transition_steps=1, kmeans_collect_batches=1
+    )
     cfg["model"]["init_args"].update(TINY)
-    cfg["data"]["init_args"].update(sources=str(src), cache_dir=str(out / "cache"),
-                                    crop_length=64, val_fraction=0.3, batch_size=2)
+    cfg["data"]["init_args"].update(
+        sources=str(src),
+        cache_dir=str(out / "cache"),
+        crop_length=64,
+        val_fraction=0.3,
+        batch_size=2,
+    )
     config = out / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg))
     provq_fit("--config", str(config))
@@ -80,8 +67,15 @@ def test_test_on_new_structures_writes_its_own_dir_and_leaves_the_run_untouched(
     before = run_files(run)
     fit_metrics = json.loads((run / "metrics.json").read_text())
     ckpt = run / "checkpoints" / "last.ckpt"
-    provq_fit("test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt),
-              "--data.init_args.test_sources", str(new))
+    provq_fit(
+        "test",
+        "--config",
+        str(run / "config.yaml"),
+        "--ckpt_path",
+        str(ckpt),
+        "--data.init_args.test_sources",
+        str(new),
+    )
     printed = capsys.readouterr().out
     assert run_files(run) == before  # every file of the fit byte-identical, none added
     assert "2 structure files: 2 loaded" in printed  # the new set, not the training data
@@ -104,9 +98,19 @@ def test_validate_last_with_val_fraction_one_scores_every_chain_in_another_eval_
     run, new = trained
     before = run_files(run)
     shutil.rmtree(run / "eval", ignore_errors=True)
-    provq_fit("validate", "--config", str(run / "config.yaml"), "--ckpt_path", "last",
-              "--data.init_args.sources", str(new), "--data.init_args.val_fraction", "1.0",
-              "--data.init_args.cache_dir", str(run.parent / "cache_all"))
+    provq_fit(
+        "validate",
+        "--config",
+        str(run / "config.yaml"),
+        "--ckpt_path",
+        "last",
+        "--data.init_args.sources",
+        str(new),
+        "--data.init_args.val_fraction",
+        "1.0",
+        "--data.init_args.cache_dir",
+        str(run.parent / "cache_all"),
+    )
     assert run_files(run) == before
     evaluation = only_eval_dir(run)
     assert evaluation.name.startswith("validate-")
@@ -119,9 +123,17 @@ def test_validate_last_with_val_fraction_one_scores_every_chain_in_another_eval_
 def test_fit_with_val_fraction_one_refuses_in_one_line(trained, tmp_path, capsys):
     run, new = trained
     with pytest.raises(SystemExit):
-        provq_fit("--config", str(run / "config.yaml"), "--data.init_args.sources", str(new),
-                  "--data.init_args.val_fraction", "1.0",
-                  "--data.init_args.cache_dir", str(tmp_path / "cache"),
-                  "--trainer.logger.init_args.save_dir", str(tmp_path))
+        provq_fit(
+            "--config",
+            str(run / "config.yaml"),
+            "--data.init_args.sources",
+            str(new),
+            "--data.init_args.val_fraction",
+            "1.0",
+            "--data.init_args.cache_dir",
+            str(tmp_path / "cache"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("provq-fit: error: data.init_args.val_fraction 1.0")
