@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from provq_lightning.image_log import log_figure
 from provq_lightning.protein.decoder import StructureDecoder
 from provq_lightning.protein.encoder import StructureEncoder
 from provq_lightning.protein.geometry import backbone_with_oxygen
@@ -27,6 +28,7 @@ from provq_lightning.protein.losses import (
 )
 from provq_lightning.protein.metrics import CALDDT, BackboneRMSD, TMScore
 from provq_lightning.protein.pdb_io import write_backbone_pdb
+from provq_lightning.protein.plots import chain_figure
 from provq_lightning.quantizer import VectorQuantizer
 from provq_lightning.tokenizer import VQTokenizer
 
@@ -48,6 +50,8 @@ class ProteinTokenizer(VQTokenizer):
         distance_weight, direction_weight, distogram_weight: reconstruction loss weights.
         distance_clamp, direction_clamp: per-pair squared-error clamps (25, 20).
         lr, weight_decay, lr_warmup_steps: AdamW with a linear learning-rate warmup.
+        num_log_structures: at every validation, a picture of each of the first this many
+            validation chains (the same chains every time; 0: none), see ``protein.plots``.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class ProteinTokenizer(VQTokenizer):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         lr_warmup_steps: int = 0,
+        num_log_structures: int = 2,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -104,6 +109,7 @@ class ProteinTokenizer(VQTokenizer):
         self.rmsd = nn.ModuleDict({"val": BackboneRMSD(), "test": BackboneRMSD()})
         self.lddt = nn.ModuleDict({"val": CALDDT(), "test": CALDDT()})
         self.tm_score = nn.ModuleDict({"val": TMScore(), "test": TMScore()})
+        self._picture_chains: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     # -- model ------------------------------------------------------------------------------
     def encode(self, batch: dict) -> torch.Tensor:
@@ -167,6 +173,8 @@ class ProteinTokenizer(VQTokenizer):
         self.lddt[prefix].update(out.backbone.float(), true, mask)
         self.tm_score[prefix].update(out.backbone.float(), true, mask)
         self.update_codebook_metrics(q.indices, mask)
+        if prefix == "val":
+            self._keep_picture_chains(batch, out.backbone)
         b = max(int(mask.any(-1).sum()), 1)
         values = {"recon": recon, "vq": q.loss, **losses}
         for k, v in values.items():
@@ -186,9 +194,48 @@ class ProteinTokenizer(VQTokenizer):
                 self.log(f"{prefix}/{name}", metric.compute())
             metric.reset()
 
+    def _pictures_due(self) -> bool:
+        trainer = self._trainer  # the public property raises without a trainer
+        return (
+            self.hparams.get("num_log_structures", 0) > 0
+            and trainer is not None
+            and trainer.is_global_zero  # only rank 0 logs pictures
+            and not trainer.sanity_checking
+            and len(trainer.loggers) > 0  # any logger: log_figure writes PNGs for the rest
+        )
+
+    def _keep_picture_chains(self, batch: dict, pred: torch.Tensor) -> None:
+        """Keep the first ``num_log_structures`` validation chains (the loader does not
+        shuffle, so these are the same chains at every validation), full residues only."""
+        wanted = self.hparams.get("num_log_structures", 0) - len(self._picture_chains)
+        if wanted <= 0 or not self._pictures_due():
+            return
+        mask = batch["residue_mask"]
+        for i, name in enumerate(batch["ids"]):
+            if wanted <= 0:
+                break
+            if mask[i].any():
+                keep = mask[i]
+                true = batch["coords"][i, :, :3][keep]
+                self._picture_chains.append(
+                    (name, pred[i][keep].detach().float().cpu(), true.float().cpu())
+                )
+                wanted -= 1
+
+    def _log_structure_pictures(self, prefix: str) -> None:
+        chains, self._picture_chains = self._picture_chains, []
+        for slot, (name, pred, true) in enumerate(chains):
+            # Tags by slot, not by chain id: stable names whatever characters an id holds.
+            log_figure(self, f"{prefix}/structure_{slot}", chain_figure(name, pred, true))
+
+    def on_validation_epoch_start(self) -> None:
+        self._picture_chains = []
+        super().on_validation_epoch_start()
+
     def on_validation_epoch_end(self) -> None:
         self._log_structure_metrics("val")
         super().on_validation_epoch_end()
+        self._log_structure_pictures("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_structure_metrics("test")
