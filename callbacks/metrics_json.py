@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from provq_lightning.checkpoint_io import write_atomically
 
 PREFIXES = ("val/", "test/")
 # Keys that are not metrics; readers that want numbers only skip them.
@@ -55,10 +56,8 @@ def collect_metrics(trainer: Trainer) -> dict[str, float | str]:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)  # a reader never sees a half-written file
+    # A reader never sees a half-written file; a full disk is one line, as for checkpoints.
+    write_atomically(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import socket
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from provq_lightning.checkpoint_check import check_checkpoint_file
 from provq_lightning.errors import ProvqError
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def free_bytes(directory: Path) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host is alive (a zombie, killed but unreaped, is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -93,7 +94,7 @@ def _is_stale(name: str) -> bool:
     pid = int(match["pid"])
     # Our own PID: a previous process of the same PID (PID reuse across a requeue) left it,
     # since the ones this process is writing are in ``_in_flight``.
-    return pid == os.getpid() or not _pid_alive(pid)
+    return pid == os.getpid() or not pid_alive(pid)
 
 
 def remove_stale_temporaries(directory: _PATH) -> list[Path]:
@@ -180,20 +181,6 @@ def write_atomically(target: Path, data: bytes | memoryview) -> None:
         _in_flight.discard(tmp)
 
 
-def _unreadable(path: Path, err: BaseException) -> bool:
-    """Whether ``err`` from ``torch.load(path)`` means the file is damaged or no checkpoint."""
-    if isinstance(err, EOFError):
-        return True
-    if isinstance(err, RuntimeError) and "PytorchStreamReader" in str(err):
-        return True
-    # torch.save writes a zip archive; an empty, truncated (no central directory) or foreign
-    # file is not one. A valid archive that fails (e.g. a weights_only refusal) is re-raised.
-    try:
-        return path.stat().st_size == 0 or not zipfile.is_zipfile(path)
-    except OSError:
-        return False
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose saves are atomic on any local file system and space-checked.
 
@@ -223,13 +210,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         local = Path(url_to_fs(str(path))[1])
         # A run that starts by resuming here cleans up after the saves killed before it.
         remove_stale_temporaries(local.parent)
-        try:
-            return super().load_checkpoint(path, map_location, weights_only)
-        except Exception as err:
-            if isinstance(err, FileNotFoundError) or not _unreadable(local, err):
-                raise
-            size = human_size(local.stat().st_size)
-            raise ProvqError(
-                f"checkpoint {local} ({size}) is truncated or not a checkpoint, and cannot be "
-                "loaded; resume from another checkpoint (--ckpt_path PATH) or start a new run"
-            ) from err
+        if local.exists():  # a missing file stays Lightning's FileNotFoundError
+            try:
+                check_checkpoint_file(local)  # magic bytes and zip directory: no unpickling
+            except ProvqError as err:
+                reason = str(err).removeprefix(f"checkpoint {local} ").split(";")[0]
+                raise ProvqError(
+                    f"checkpoint {local} ({human_size(local.stat().st_size)}) is truncated or "
+                    f"not a checkpoint ({reason}), and cannot be loaded; resume from another "
+                    "checkpoint (--ckpt_path PATH) or start a new run"
+                ) from None
+        return super().load_checkpoint(path, map_location, weights_only)

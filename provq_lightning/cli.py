@@ -47,6 +47,7 @@ from provq_lightning.run_dir import (
     LAST_CHECKPOINT,
     RunLock,
     newest_resumable_run,
+    version_dir,
     version_from_dir_name,
     write_config_history,
 )
@@ -237,7 +238,7 @@ class ProvqCLI(LightningCLI):
         save_dir, name = logger_args.save_dir or "runs", logger_args.name or ""
         pinned = os.environ.get(_RESUME_ENV) or logger_args.version
         if pinned is not None:
-            version = pinned if isinstance(pinned, str) else f"version_{pinned}"
+            version = version_dir(pinned)
             ckpt = Path(save_dir) / name / version / LAST_CHECKPOINT
             target = ckpt if ckpt.is_file() else None
         else:

@@ -14,15 +14,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from provq_lightning.run_dir import LAST_CHECKPOINT, LOCK_FILE, newest_resumable_run
+from provq_lightning.run_dir import (
+    LAST_CHECKPOINT,
+    LOCK_FILE,
+    newest_resumable_run,
+    version_dir,
+)
 
 EVAL_SUBDIR = "eval"
 EVALUATING = ("validate", "test", "predict")
-
-
-def version_dir(version: int | str) -> str:
-    """The directory name Lightning's TensorBoard/CSV loggers give ``version``."""
-    return f"version_{version}" if isinstance(version, int) else str(version)
 
 
 def is_fit_run(directory: Path) -> bool:

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from provq_lightning.checkpoint_io import pid_alive, write_atomically
 from provq_lightning.errors import ProvqError
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -46,6 +47,11 @@ def newest_resumable_run(save_dir: str | Path, name: str) -> ResumeTarget | None
     return ResumeTarget(run_dir=root / version, version=version, checkpoint=ckpt)
 
 
+def version_dir(version: int | str) -> str:
+    """The directory name Lightning's TensorBoard/CSV loggers give ``version``."""
+    return f"version_{version}" if isinstance(version, int) else str(version)
+
+
 def version_from_dir_name(name: str) -> int | str:
     """Lightning's logger ``version`` argument for a run directory's name."""
     if name.startswith("version_") and name[len("version_") :].isdigit():
@@ -67,20 +73,8 @@ def write_config_history(path: Path, text: str) -> Path | None:
         while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
             n += 1
         os.replace(path, kept)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a reader never sees a half-written config
+    write_atomically(path, text.encode())  # a reader never sees a half-written config
     return kept
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _slurm_job() -> str | None:
@@ -113,7 +107,7 @@ class RunLock:
         me = self._record()
         if holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"]:
             return True
-        return holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1)))
+        return holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1)))
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

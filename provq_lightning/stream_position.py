@@ -160,7 +160,8 @@ class ResumableLoader(DataLoader):
         }
 
     def start_epoch(self, epoch: int, rank: int, world_size: int, starts: list[SlotStart]) -> None:
-        raise NotImplementedError
+        """Position the sampler or dataset at ``starts`` (one per slot) of ``epoch``."""
+        raise NotImplementedError(f"{type(self).__name__} must say how it starts an epoch part-way")
 
     def __iter__(self) -> Iterator:
         epoch, rank, world_size = self.context()
