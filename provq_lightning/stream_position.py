@@ -276,5 +276,6 @@ __all__ = [
     "gather_objects",
     "global_seed",
     "note_training_batch",
+    "resumable_sampler_loader",
     "trainer_context",
 ]

@@ -19,6 +19,14 @@ from provq_lightning.quantizer import QuantizerOutput, VectorQuantizer
 from provq_lightning.schedules import Phase
 
 
+def zero_weight_term(module: torch.nn.Module) -> torch.Tensor:
+    """0 x the sum of ``module``'s trainable parameters: a zero gradient for each, so that DDP
+    without ``find_unused_parameters`` sees an idle module (bypassed codebook, waiting
+    discriminator) used."""
+    params = [p.sum() for p in module.parameters() if p.requires_grad]
+    return torch.stack(params).sum() * 0.0 if params else torch.zeros(())
+
+
 class VQTokenizer(LightningModule):
     """Encoder -> ``VectorQuantizer`` -> decoder, with ProVQ's curriculum state.
 
@@ -76,9 +84,7 @@ class VQTokenizer(LightningModule):
             self.seeding_latents = flat
             # The bypassed codebook gets a zero-weight term, so plain DDP (no
             # find_unused_parameters) sees it used; on_before_optimizer_step drops its zeros.
-            idle = [p.sum() for p in self.quantizer.parameters() if p.requires_grad]
-            if idle:
-                out.loss = out.loss + torch.stack(idle).sum() * 0.0
+            out.loss = out.loss + zero_weight_term(self.quantizer)
             return out
         alpha = float(self.curriculum_alpha) if phase is Phase.TRANSITION else 0.0
         return self.quantizer(z, alpha=alpha, mask=mask)

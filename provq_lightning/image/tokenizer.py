@@ -45,7 +45,7 @@ from provq_lightning.image.vqgan import Decoder, Encoder
 from provq_lightning.image_log import log_figure
 from provq_lightning.quantizer import VectorQuantizer
 from provq_lightning.schedules import Phase
-from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.tokenizer import VQTokenizer, zero_weight_term
 
 DISC_START_FROM = ("run", "quantization")
 
@@ -303,13 +303,6 @@ class ImageTokenizer(VQTokenizer):
         block = getattr(self.trainer.strategy, "block_backward_sync", None)
         return nullcontext() if sync or block is None else block()
 
-    @staticmethod
-    def _touch(module: nn.Module) -> torch.Tensor:
-        """0 x the sum of a module's trainable parameters: a zero gradient for each, so that
-        DDP without ``find_unused_parameters`` sees every parameter used."""
-        params = [p.sum() for p in module.parameters() if p.requires_grad]
-        return torch.stack(params).sum() * 0.0
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         hp = self.hparams
         step = self.curriculum_step()  # optimizer steps: constant across a window
@@ -341,7 +334,7 @@ class ImageTokenizer(VQTokenizer):
             d_loss = hp.disc_weight * hinge_d_loss(logits_real, logits_fake)
         total = loss + d_loss
         if self.discriminator is not None and not use_disc:
-            total = total + self._touch(self.discriminator)
+            total = total + zero_weight_term(self.discriminator)
         step_now = self._window_ends(batch_idx)
         with self._grad_sync(step_now):
             self.manual_backward(total / hp.accumulate_grad_batches)
