@@ -23,7 +23,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m provq_lightning.demo --seeds $(SEEDS)
+	$(BIN)/python -m provq_lightning.tools.demo --seeds $(SEEDS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -62,14 +61,10 @@ def step_model() -> Any:
 
 
 def photo_batches(root: Path, n_batches: int, batch_size: int, size: int) -> list[dict]:
-    """Centre-cropped photos in model range, decoded once so both loops get identical tensors."""
+    """Centre-cropped uint8 photos (the datamodules' batches), decoded once so both loops get
+    identical tensors."""
     from provq_lightning.image.make_shards import find_images
-    from provq_lightning.image.transforms import (
-        center_crop,
-        decode_image,
-        to_model_range,
-        to_uint8_tensor,
-    )
+    from provq_lightning.image.transforms import center_crop, decode_image, to_uint8_tensor
 
     images = find_images(root)[: n_batches * batch_size]
     if len(images) < n_batches * batch_size:
@@ -80,7 +75,7 @@ def photo_batches(root: Path, n_batches: int, batch_size: int, size: int) -> lis
     for b in range(n_batches):
         chunk = tensors[b * batch_size : (b + 1) * batch_size]
         keys = [im.key for im in images[b * batch_size : (b + 1) * batch_size]]
-        batches.append({"image": to_model_range(torch.stack(chunk)), "key": keys})
+        batches.append({"image": torch.stack(chunk), "key": keys})
     return batches
 
 
@@ -138,28 +133,18 @@ def run_lightning(model, batches: list[dict], skip: int) -> tuple[float, Any]:
 
 def bare_step(model, batch: dict, opt_g, opt_d) -> torch.Tensor:
     """What ``ImageTokenizer.training_step`` does for one batch with the GAN active, by hand."""
-    from provq_lightning.image.discriminator import hinge_d_loss, hinge_g_loss
-
     hp = model.hparams
-    x = batch["image"]
+    x = model.model_input(batch)
     q = model.quantize(model.encode(x))
     x_hat = model.decode(q.z_tilde)
-    pixel = F.mse_loss(x_hat.float(), x.float())
-    loss = hp.pixel_weight * pixel + model.vq_loss_weight * q.loss
-    model.discriminator.requires_grad_(False)
-    loss = loss + hp.disc_weight * hinge_g_loss(model.discriminator(x_hat))
-    model.discriminator.requires_grad_(True)
-    opt_g.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(opt_g.param_groups[0]["params"], hp.grad_clip)
-    opt_g.step()
-    d_loss = hp.disc_weight * hinge_d_loss(model.discriminator(x.detach()),
-                                           model.discriminator(x_hat.detach()))
-    opt_d.zero_grad(set_to_none=True)
-    d_loss.backward()
-    torch.nn.utils.clip_grad_norm_(opt_d.param_groups[0]["params"], hp.grad_clip)
-    opt_d.step()
-    return loss.detach()
+    losses = model.loss(x, x_hat, model.omega * q.loss, disc_active=True, lpips=None,
+                        last_layer=model.decoder.last_layer_weight)
+    (losses.generator + losses.discriminator).backward()  # one backward for both nets
+    for opt in (opt_g, opt_d):
+        torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], hp.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses.generator.detach()
 
 
 def run_bare(model, batches: list[dict], skip: int) -> tuple[float, Any]:

@@ -115,7 +115,7 @@ def train_step_throughput(
     def step(model, opt, batch) -> float:
         start = time.perf_counter()
         q, _, _, recon = model._step(batch)
-        loss = recon + model.vq_loss_weight * q.loss
+        loss = recon + model.omega * q.loss
         opt.zero_grad()
         loss.backward()
         opt.step()

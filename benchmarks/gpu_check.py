@@ -168,8 +168,9 @@ def build_model(sizes: Sizes, compile_backend: str | None) -> Any:
 
 def make_batches(n: int, batch: int, size: int, device: torch.device) -> list[dict]:
     g = torch.Generator().manual_seed(0)
-    return [{"image": (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)}
-            for _ in range(n)]
+    # uint8 pixels, as the datamodules deliver them; the model maps them to [-1, 1].
+    return [{"image": torch.randint(0, 256, (batch, 3, size, size), generator=g,
+                                    dtype=torch.uint8).to(device)} for _ in range(n)]
 
 
 def autocast(device: torch.device):
@@ -180,21 +181,14 @@ def autocast(device: torch.device):
 
 def bare_step(model, batch: dict, opt_g, opt_d, device: torch.device) -> None:
     """What ``ImageTokenizer.training_step`` does for a batch with the GAN on, by hand."""
-    from provq_lightning.image.discriminator import hinge_d_loss, hinge_g_loss
-
     hp = model.hparams
-    x = batch["image"]
+    x = model.model_input(batch)
     with autocast(device):
         q = model.quantize(model.encode(x))
         x_hat = model.decode(q.z_tilde)
-        loss = hp.pixel_weight * F.mse_loss(x_hat.float(), x.float())
-        loss = loss + model.vq_loss_weight * q.loss
-        model.discriminator.requires_grad_(False)
-        loss = loss + hp.disc_weight * hinge_g_loss(model.discriminator(x_hat))
-        model.discriminator.requires_grad_(True)
-        d_loss = hp.disc_weight * hinge_d_loss(model.discriminator(x.detach()),
-                                               model.discriminator(x_hat.detach()))
-    (loss + d_loss).backward()
+        losses = model.loss(x, x_hat, model.omega * q.loss, disc_active=True, lpips=None,
+                            last_layer=model.decoder.last_layer_weight)
+    (losses.generator + losses.discriminator).backward()
     for opt in (opt_g, opt_d):
         torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], hp.grad_clip)
         opt.step()

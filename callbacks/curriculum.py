@@ -18,6 +18,7 @@ provq         > 0           > 0               True
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -42,8 +43,10 @@ TRAJECTORY_SETTINGS = (
     "kmeans_samples",
     "kmeans_collect_batches",
     "kmeans_iters",
-    "seed",
+    "kmeans_seed",
 )
+# Settings renamed since older checkpoints were written: old key -> new key.
+RENAMED_SETTINGS = {"seed": "kmeans_seed"}
 
 
 class CurriculumError(ProvqError, ValueError):
@@ -110,7 +113,7 @@ class CurriculumCallback(Callback):
         kmeans_samples: reservoir size (vectors, gathered across ranks); default 16 x K.
         kmeans_collect_batches: the last this many warmup batches feed the reservoir.
         kmeans_iters: maximum Lloyd iterations.
-        seed: seed of the reservoir sampling and of k-means++.
+        kmeans_seed: seed of the reservoir sampling and of k-means++.
     """
 
     def __init__(
@@ -123,7 +126,7 @@ class CurriculumCallback(Callback):
         kmeans_samples: int | None = None,
         kmeans_collect_batches: int = 8,
         kmeans_iters: int = 100,
-        seed: int = 0,
+        kmeans_seed: int = 0,
     ) -> None:
         check_settings(
             warmup_steps=warmup_steps,
@@ -143,7 +146,7 @@ class CurriculumCallback(Callback):
         self.kmeans_samples = kmeans_samples
         self.kmeans_collect_batches = kmeans_collect_batches
         self.kmeans_iters = kmeans_iters
-        self.seed = seed
+        self.kmeans_seed = kmeans_seed
         # State saved in checkpoints.
         self.seeded = False
         self.seed_count = 0
@@ -153,6 +156,9 @@ class CurriculumCallback(Callback):
         self.reservoir_batches = 0
         self._batch_step = 0
         self._reservoir_checked = False
+        # Warmup encoder outputs of the current batch, caught by a forward hook on the quantizer.
+        self._latents: list[torch.Tensor] = []
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
 
     # -- pure views of the schedule ---------------------------------------------------------
     def values_at(self, step: int) -> tuple[float, float, Phase]:
@@ -204,34 +210,61 @@ class CurriculumCallback(Callback):
     ) -> None:
         step = pl_module.curriculum_step()
         self._batch_step = step
-        alpha, w, phase = self.values_at(step)
+        alpha, omega_now, phase = self.values_at(step)
         if phase is not Phase.WARMUP and self.kmeans_init and not self.seeded:
             self._seed_codebook(trainer, pl_module, step)
-        pl_module.set_curriculum(alpha, w, phase)
-        if pl_module.should_log_step():
-            pl_module.log_dict(
-                {
-                    "curriculum/alpha": alpha,
-                    "curriculum/omega": w,
-                    "curriculum/phase": float(phase),
-                },
-                on_step=True,
-                on_epoch=False,
-                batch_size=1,
+        pl_module.set_curriculum(alpha, omega_now, phase)
+        if phase is Phase.WARMUP and self.kmeans_init and not self.seeded:
+            self._hook = pl_module.quantizer.register_forward_hook(
+                self._catch_latents, with_kwargs=True
             )
+        pl_module.log_train(
+            {
+                "curriculum/alpha": alpha,
+                "curriculum/omega": omega_now,
+                "curriculum/phase": float(phase),
+            },
+            batch_size=1,
+        )
+
+    def _catch_latents(
+        self, quantizer: torch.nn.Module, args: tuple, kwargs: dict, out: Any
+    ) -> None:
+        """Forward hook: keep the (masked) encoder outputs of a bypassed training forward."""
+        call = inspect.signature(quantizer.forward).bind(*args, **kwargs).arguments
+        if not call.get("bypass", False):
+            return
+        flat = out.z_tilde.detach().reshape(-1, quantizer.code_dim)
+        mask = call.get("mask")
+        if mask is not None:
+            flat = flat[mask.reshape(-1).bool()]
+        self._latents.append(flat)
+
+    def _release_hook(self) -> list[torch.Tensor]:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        latents, self._latents = self._latents, []
+        return latents
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: VQTokenizer, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        latents, pl_module.seeding_latents = pl_module.seeding_latents, None
+        caught = self._release_hook()
         step = self._batch_step  # the counter may already have advanced past this batch
-        if latents is None:
+        if not caught:
             return
-        if self.kmeans_init and not self.seeded and not self._reservoir_checked:
+        latents = torch.cat(caught) if len(caught) > 1 else caught[0]
+        if not self._reservoir_checked:
             self._check_reservoir_fills(latents, pl_module, step)
         if not self._collecting(step):
             return
         self._add_to_reservoir(distributed.gather_rows(latents.float()), pl_module)
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._release_hook()
 
     def _check_reservoir_fills(
         self, latents: torch.Tensor, pl_module: VQTokenizer, step: int
@@ -269,7 +302,9 @@ class CurriculumCallback(Callback):
         # Bottom-k sampling: every vector gets a random key, the reservoir keeps the smallest
         # keys. That is a uniform sample of everything seen, identical on all ranks because the
         # rows are gathered first and the keys come from a generator seeded by a saved counter.
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.reservoir_batches)
+        generator = torch.Generator().manual_seed(
+            self.kmeans_seed * 1_000_003 + self.reservoir_batches
+        )
         self.reservoir_batches += 1
         keys = torch.rand(rows.shape[0], generator=generator, dtype=torch.float64)
         rows = rows.detach().cpu()
@@ -308,7 +343,9 @@ class CurriculumCallback(Callback):
         centers = torch.empty(k, pl_module.quantizer.code_dim, device=device)
         if distributed.rank() == 0:
             started = time.perf_counter()
-            result = kmeans(self.reservoir.to(device), k, iters=self.kmeans_iters, seed=self.seed)
+            result = kmeans(
+                self.reservoir.to(device), k, iters=self.kmeans_iters, seed=self.kmeans_seed
+            )
             centers = result.centers.to(device)
             rank_zero_info(
                 f"[provq] step {step}: seeded {k} codes by k-means on "
@@ -351,6 +388,7 @@ class CurriculumCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("settings")  # absent in checkpoints of provq < 0.2
         if saved is not None:
+            saved = {RENAMED_SETTINGS.get(key, key): value for key, value in saved.items()}
             changed = [
                 f"{key} {saved[key]!r} -> {value!r}"
                 for key, value in self.settings().items()

@@ -29,7 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from provq_lightning.checkpoint_io import write_atomically
+from provq_lightning.checkpoint_io import write_json_atomic
 
 PREFIXES = ("val/", "test/")
 # Keys that are not metrics; readers that want numbers only skip them.
@@ -53,11 +53,6 @@ def collect_metrics(trainer: Trainer) -> dict[str, float | str]:
             continue
         out[name] = encode_number(number)
     return dict(sorted(out.items()))
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    # A reader never sees a half-written file; a full disk is one line, as for checkpoints.
-    write_atomically(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from provq_lightning.errors import ProvqError
 from provq_lightning.token_reader import FORMATS
-from provq_lightning.tokenize_cli import CodeWriter, code_dtype
+from provq_lightning.token_writer import CodeWriter, code_dtype
 
 
 class CodePredictionWriter(BasePredictionWriter):

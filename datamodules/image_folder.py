@@ -33,7 +33,6 @@ from provq_lightning.image.transforms import (
     center_crop,
     decode_image,
     random_crop,
-    to_model_range,
     to_uint8_tensor,
 )
 from provq_lightning.stream_position import (
@@ -228,8 +227,3 @@ class ImageFolderDataModule(LightningDataModule):
             shuffle=False,
             num_workers=hp.num_workers,
         )
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict) and "image" in batch:
-            batch["image"] = to_model_range(batch["image"])
-        return batch

@@ -16,14 +16,13 @@ shuffle buffer and the crops continue exactly as in the uninterrupted run) and k
 still in the shuffle buffer undecoded until they are used. Decoding, the expensive part, is done
 only for samples that reach a batch.
 
-Batches are dicts: ``image`` (B, 3, H, W) uint8 on the loader side and float in [-1, 1] after
-the transfer to the device, ``label`` (B,) and ``key`` (list of str).
+Batches are dicts: ``image`` (B, 3, H, W) uint8 (the model maps it to [-1, 1] on its device),
+``label`` (B,) and ``key`` (list of str).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,13 +33,13 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from provq_lightning.data_paths import resolve_data_path
 from provq_lightning.image import shards as sh
 from provq_lightning.image.transforms import (
     UndecodableImage,
     center_crop,
     decode_image,
     random_crop,
-    to_model_range,
     to_uint8_tensor,
 )
 from provq_lightning.stream_position import (
@@ -51,6 +50,8 @@ from provq_lightning.stream_position import (
 )
 
 log = logging.getLogger("provq.data")
+# The relative-path fallback: the repository root in a checkout; in an installed wheel the
+# package, whose experiments/ holds the class lists the shipped configs name.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REST_OF_SHARD = "<rest of shard>"
 # rng.random() calls random_crop makes per image (scale, left, top, flip): a sample skipped on
@@ -60,14 +61,8 @@ CROP_DRAWS = 4
 
 def resolve_path(path: str | Path) -> Path:
     """Config paths: ``../shared/data/...`` honours ``PROVQ_SHARED_DATA``; relative paths are
-    taken from the working directory when they exist there, else from the repository root."""
-    p = Path(os.path.expandvars(str(path))).expanduser()
-    if p.is_absolute():
-        return p
-    if p.parts[:3] == ("..", "shared", "data"):
-        base = os.environ.get("PROVQ_SHARED_DATA", str(REPO_ROOT.parent / "shared" / "data"))
-        return Path(base).joinpath(*p.parts[3:])
-    return p.resolve() if p.exists() else (REPO_ROOT / p).resolve()
+    taken from the working directory when they exist there, else from ``REPO_ROOT``."""
+    return resolve_data_path(path, root=REPO_ROOT)
 
 
 def read_class_list(path: str | Path) -> frozenset[str]:
@@ -457,11 +452,6 @@ class ImageNetDataModule(LightningDataModule):
             note_skipped(self, skipped, int(batch.pop("refilled")))
             bad = [(shard, key) for shard, key, *_ in skipped if key != REST_OF_SHARD]
             note_training_batch(self, self.position, int(batch.pop("worker", 0)), bad)
-        return batch
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict) and "image" in batch:
-            batch["image"] = to_model_range(batch["image"])
         return batch
 
 

@@ -14,8 +14,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-DISK, TRIANGLE = 0, 1
-COMPONENT_NAMES = {DISK: "disk", TRIANGLE: "triangle"}
+from provq_lightning.topodisc_components import DISK, TRIANGLE
 
 
 def sample_disk(n: int, radius: float, generator: torch.Generator) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import logging
 import os
 import re
@@ -179,6 +180,12 @@ def write_atomically(target: Path, data: bytes | memoryview) -> None:
         raise
     finally:
         _in_flight.discard(tmp)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """``payload`` as indented, key-sorted JSON, written by ``write_atomically``."""
+    # A reader never sees a half-written file; a full disk is one line, as for checkpoints.
+    write_atomically(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

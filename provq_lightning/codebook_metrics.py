@@ -10,6 +10,17 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+# Every codebook metric a modality logs per evaluation split, as ``<split>/<name>``: the usage
+# statistics below plus the codebook geometry ``VQTokenizer.codebook_metrics`` adds.
+CODEBOOK_METRIC_NAMES = (
+    "utilization",
+    "perplexity",
+    "normalized_perplexity",
+    "dead_codes",
+    "codebook_distance",
+    "codebook_distance_used",
+)
+
 # (metric key, column title, format) of the codebook metrics in every results table.
 CODEBOOK_REPORT_COLUMNS = (
     ("val/utilization", "utilization", "{:.1%}"),

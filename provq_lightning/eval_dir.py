@@ -6,7 +6,7 @@ instead. With no fixed logger version, the run is the checkpoint's (``--ckpt_pat
 <run>/checkpoints/x.ckpt`` under the logger's ``save_dir/name``), so the run's own
 ``config.yaml`` evaluates into that run's ``eval/`` and never overwrites its ``metrics.json``,
 ``config.yaml`` or event files. Pure file-system helpers; the CLI glue is in
-``provq_lightning.cli``.
+``provq_lightning.tools.fit``.
 """
 
 from __future__ import annotations

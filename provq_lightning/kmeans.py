@@ -21,7 +21,6 @@ other devices, where ``index_add_`` accumulates in a run-dependent order.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -190,15 +189,13 @@ def kmeans(
     tol: float = 1e-4,
     seed: int = 0,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-    progress: Callable[[int, float], None] | None = None,
     init: torch.Tensor | None = None,
 ) -> KMeansResult:
     """Lloyd's k-means on ``x`` (N x D) with k-means++ init; empty clusters are re-seeded.
 
     Stops after ``iters`` iterations or when the relative inertia change falls below ``tol``.
-    ``progress(iteration, inertia)`` is called after each iteration; ``init`` replaces the
-    k-means++ starting centres. Deterministic for a ``seed`` on a given device. Raises
-    ``NonFiniteInputError`` when a row holds NaN/inf.
+    ``init`` replaces the k-means++ starting centres. Deterministic for a ``seed`` on a given
+    device. Raises ``NonFiniteInputError`` when a row holds NaN/inf.
     """
     if x.dim() != 2:
         raise ValueError(f"kmeans expects an (N, D) tensor, got shape {tuple(x.shape)}")
@@ -221,7 +218,7 @@ def kmeans(
         previous = float("inf")
         reseeded = 0
         iteration = 0
-        for iteration in range(1, iters + 1):
+        for iteration in range(1, iters + 1):  # noqa: B007 (the result reports it)
             sq = _sq_dist(x, centers, index)
             inertia = float(sq.sum())
             counts = torch.bincount(index, minlength=k)
@@ -235,8 +232,6 @@ def kmeans(
                 worst = sq.topk(min(empty.numel(), n)).indices
                 updated[empty[: worst.numel()]] = x[worst]
                 reseeded += int(empty.numel())
-            if progress is not None:
-                progress(iteration, inertia)
             converged = previous - inertia <= tol * previous if previous < float("inf") else False
             index, lower = _reassign(x, centers, updated, index, lower, max_chunk_bytes)
             centers = updated

@@ -1,7 +1,7 @@
 """A run directory's bookkeeping: which run ``--ckpt_path last`` resumes, the config history and
 the lock that keeps two fits out of one directory.
 
-Pure file-system helpers; the Lightning glue is in ``provq_lightning.cli``.
+Pure file-system helpers; the Lightning glue is in ``provq_lightning.tools.fit``.
 """
 
 from __future__ import annotations

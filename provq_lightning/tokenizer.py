@@ -1,22 +1,66 @@
-"""Base LightningModule for every tokenizer: quantizer plumbing and curriculum state.
+"""``VQTokenizer``: the contract every modality implements, and the curriculum state it carries.
 
-A modality subclasses ``VQTokenizer``, builds ``self.quantizer`` plus its encoder/decoder and
-losses, and calls ``self.quantize(z)`` between them. The ``CurriculumCallback`` drives the state
-held here; the state lives in buffers, so checkpoints carry it.
+A modality subclasses ``VQTokenizer``, builds its encoder/decoder and losses, passes its
+``VectorQuantizer`` to ``super().__init__`` and calls ``self.quantize(z)`` between them. It must
+implement the members named in ``CONTRACT`` (``missing_contract`` lists what a class lacks;
+``tests/core/test_contract.py`` checks every shipped modality).
+
+Where the curriculum lives (``docs/architecture.md``): the schedules are pure functions
+(``schedules.py``); the ``CurriculumCallback`` owns the k-means reservoir and the "seeded" flag
+and pushes alpha/omega/phase here before every training batch; this module owns those values
+(buffers, so checkpoints carry them), ``quantization_start`` and the ``on_quantization_start``
+hook. Nothing else holds curriculum state.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import Metric
 
 from provq_lightning.codebook_metrics import CodebookUsage, mean_pairwise_distance
-from provq_lightning.errors import ProvqError
 from provq_lightning.image_log import log_histogram
 from provq_lightning.quantizer import QuantizerOutput, VectorQuantizer
 from provq_lightning.schedules import Phase
+
+# What a modality must implement (beyond the quantizer handed to ``VQTokenizer.__init__``):
+# training, evaluation, and the hooks provq-tokenize, provq-decode and provq-fit predict call.
+CONTRACT = (
+    "training_step",  # (batch, batch_idx) -> loss: recon + self.omega * quantizer loss
+    "validation_step",  # (batch, batch_idx): update metrics, always hard quantization
+    "configure_optimizers",
+    "encode_codes",  # (inputs) -> int64 code ids, hard, no grad
+    "decode_codes",  # (code ids) -> the modality's output (images, backbones, points)
+    "tokenize_batch",  # (batch) -> [(key, int64 codes)] per item
+    "decode_tokens_to_file",  # (key, codes, out_dir) -> path of the written file
+)
+
+SPLITS = ("val", "test")
+
+
+def missing_contract(cls: type) -> list[str]:
+    """The ``CONTRACT`` members ``cls`` does not implement (inherits from a base unchanged)."""
+    missing = []
+    for name in CONTRACT:
+        member = getattr(cls, name, None)
+        if not callable(member) or member is getattr(VQTokenizer, name, None) or (
+            member is getattr(LightningModule, name, None)
+        ):
+            missing.append(name)
+    return missing
+
+
+def safe_file_name(key: str) -> str:
+    """``key`` with every character other than ASCII letters, digits, ``.``, ``_`` and ``-``
+    replaced by ``_``: the same file name for a key on every file system and modality."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", key)
 
 
 def zero_weight_term(module: torch.nn.Module) -> torch.Tensor:
@@ -27,25 +71,38 @@ def zero_weight_term(module: torch.nn.Module) -> torch.Tensor:
     return torch.stack(params).sum() * 0.0 if params else torch.zeros(())
 
 
+def _default_quantization_start(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    # Checkpoints of TopoDisc/protein models from before quantization_start moved into the base
+    # lack it: "not yet" (-1); the next quantizing batch sets it (their hook does nothing).
+    state_dict.setdefault(f"{prefix}quantization_start", torch.tensor(-1, dtype=torch.long))
+
+
 class VQTokenizer(LightningModule):
     """Encoder -> ``VectorQuantizer`` -> decoder, with ProVQ's curriculum state.
 
     Without a ``CurriculumCallback`` the module is plain hard VQ (phase discrete, alpha 0,
     omega 1), i.e. the vanilla baseline.
+
+    Args:
+        quantizer: the modality's codebook; built by the subclass (after its encoder, so the
+            random initialisation order is the modality's own).
     """
 
-    quantizer: VectorQuantizer
-
-    def __init__(self) -> None:
+    def __init__(self, quantizer: VectorQuantizer) -> None:
         super().__init__()
+        self.quantizer = quantizer
+        self.codebook_usage = CodebookUsage(quantizer.num_codes)
         self.register_buffer("curriculum_alpha", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("curriculum_omega", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("curriculum_phase", torch.tensor(int(Phase.DISCRETE)))
-        # Latents of the last training batch in warmup, read by the callback's k-means reservoir.
-        self.seeding_latents: torch.Tensor | None = None
+        # First step that quantized (-1 = not yet); a buffer, so resumed runs keep it.
+        self.register_buffer("quantization_start", torch.tensor(-1, dtype=torch.long))
+        self.split_metrics = nn.ModuleDict()
+        self._register_load_state_dict_pre_hook(_default_quantization_start)
 
     # -- curriculum -------------------------------------------------------------------------
     def set_curriculum(self, alpha: float, omega: float, phase: Phase) -> None:
+        """Called by the ``CurriculumCallback`` before every training batch."""
         self.curriculum_alpha.fill_(alpha)
         self.curriculum_omega.fill_(omega)
         self.curriculum_phase.fill_(int(phase))
@@ -55,18 +112,24 @@ class VQTokenizer(LightningModule):
         return Phase(int(self.curriculum_phase))
 
     @property
-    def vq_loss_weight(self) -> float:
-        """Omega: the weight of ``QuantizerOutput.loss`` in the total loss."""
+    def omega(self) -> float:
+        """The weight of ``QuantizerOutput.loss`` in the total loss."""
         return float(self.curriculum_omega)
 
-    def should_log_step(self) -> bool:
-        """True on the steps Lightning writes to the logger; skips per-step logging cost."""
-        # Lightning's own decision (it is also what `self.log(on_step=True)` obeys).
-        return self.trainer._logger_connector.should_update_logs
-
     def curriculum_step(self) -> int:
-        """The step the schedules are evaluated at; must count training batches."""
+        """The step the schedules are evaluated at: optimizer steps (``global_step``)."""
         return self.trainer.global_step
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning calls callbacks' hooks first, so the phase here is this batch's.
+        if self.phase is not Phase.WARMUP and int(self.quantization_start) < 0:
+            step = self.curriculum_step()
+            self.quantization_start.fill_(step)
+            self.on_quantization_start(step)
+
+    def on_quantization_start(self, step: int) -> None:
+        """Called once per run, before the first training batch that quantizes (after k-means
+        seeding, when the curriculum seeds); a modality restarts what depends on the codebook."""
 
     def quantize(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
         """Quantize per the curriculum: bypass in warmup, mix in transition, hard otherwise.
@@ -78,10 +141,6 @@ class VQTokenizer(LightningModule):
         phase = self.phase
         if phase is Phase.WARMUP:
             out = self.quantizer(z, mask=mask, bypass=True)
-            flat = out.z_tilde.detach().reshape(-1, self.quantizer.code_dim)
-            if mask is not None:
-                flat = flat[mask.reshape(-1).bool()]
-            self.seeding_latents = flat
             # The bypassed codebook gets a zero-weight term, so plain DDP (no
             # find_unused_parameters) sees it used; on_before_optimizer_step drops its zeros.
             out.loss = out.loss + zero_weight_term(self.quantizer)
@@ -97,14 +156,52 @@ class VQTokenizer(LightningModule):
             for param in self.quantizer.parameters():
                 param.grad = None
 
-    # -- codebook metrics -------------------------------------------------------------------
-    @property
-    def codebook_usage(self) -> CodebookUsage:
-        # Built lazily so subclasses need not order their __init__ around the quantizer.
-        if "_codebook_usage" not in self._modules:
-            self._codebook_usage = CodebookUsage(self.quantizer.num_codes).to(self.device)
-        return self._codebook_usage
+    # -- shared pieces ------------------------------------------------------------------------
+    def should_log_step(self) -> bool:
+        """True on the steps Lightning writes to the logger; skips per-step logging cost."""
+        # Lightning's own decision (what `self.log(on_step=True)` obeys); a private attribute,
+        # so tests/core/test_lightning_private.py fails loudly if a Lightning release drops it.
+        return self.trainer._logger_connector.should_update_logs
 
+    def log_train(self, values: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Per-step training scalars, on the steps Lightning logs."""
+        if self.should_log_step():
+            self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Evaluation mode for a tokenize/decode call, restoring the previous mode after."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def figures_due(self) -> bool:
+        """Whether this process draws figures now: rank 0, a logger to receive them (PNGs for
+        loggers without images, see ``image_log``), not Lightning's sanity check."""
+        trainer = self._trainer  # the public property raises without a trainer
+        return (
+            trainer is not None
+            and trainer.is_global_zero
+            and not trainer.sanity_checking
+            and len(trainer.loggers) > 0
+        )
+
+    def add_split_metrics(self, factory: Callable[[], dict[str, Metric]]) -> None:
+        """One set of metrics per evaluation split (``val``, ``test``), logged as
+        ``<split>/<name>`` and reset at the end of each evaluation epoch."""
+        self.split_metrics = nn.ModuleDict({s: nn.ModuleDict(factory()) for s in SPLITS})
+
+    def _log_split_metrics(self, prefix: str) -> None:
+        metrics = self.split_metrics[prefix] if prefix in self.split_metrics else {}
+        for name, metric in metrics.items():
+            if metric.update_called:
+                self.log(f"{prefix}/{name}", metric.compute())
+            metric.reset()
+
+    # -- codebook metrics -------------------------------------------------------------------
     def update_codebook_metrics(
         self, indices: torch.Tensor, mask: torch.Tensor | None = None
     ) -> None:
@@ -127,36 +224,55 @@ class VQTokenizer(LightningModule):
         if not self.codebook_usage.update_called:
             return
         self.log_dict(self.codebook_metrics(prefix), sync_dist=False)
-        self._log_usage_histogram(prefix)
-        self.codebook_usage.reset()
-
-    def _log_usage_histogram(self, prefix: str) -> None:
         # Uses per code: the shape shows dead and over-used codes at a glance. Computed on every
         # rank (a collective); log_histogram itself logs on rank 0 only, to every logger.
         counts = self.codebook_usage.compute()["histogram"].float().cpu()
         log_histogram(self, f"{prefix}/code_usage", counts)
+        self.codebook_usage.reset()
 
     def on_validation_epoch_start(self) -> None:
         self.codebook_usage.reset()
 
     def on_validation_epoch_end(self) -> None:
+        self._log_split_metrics("val")
         self._log_codebook_metrics("val")
 
     def on_test_epoch_start(self) -> None:
         self.codebook_usage.reset()
 
     def on_test_epoch_end(self) -> None:
+        self._log_split_metrics("test")
         self._log_codebook_metrics("test")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Any:
+        """Testing evaluates as validation does (metrics land under ``test/``)."""
+        return self.validation_step(batch, batch_idx)
+
+    @property
+    def eval_prefix(self) -> str:
+        """``test`` while testing, else ``val``: the split an evaluation step reports to."""
+        trainer = self._trainer
+        return "test" if trainer is not None and trainer.testing else "val"
 
     # -- provq-fit predict --------------------------------------------------------------------
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
-        """``(key, codes)`` per item of a batch, from the model's ``tokenize_batch`` (the hook
-        ``provq-tokenize`` uses), for
+        """``(key, codes)`` per item of a batch (the model's ``tokenize_batch``), for
         ``provq_lightning.callbacks.prediction_writer.CodePredictionWriter``."""
-        tokenize = getattr(self, "tokenize_batch", None)
-        if not callable(tokenize):
-            raise ProvqError(
-                f"{type(self).__name__} has no tokenize_batch(batch) -> [(key, codes)], so "
-                "provq-fit predict has nothing to write; implement it (see VQTokenizer)"
-            )
-        return tokenize(batch)
+        return self.tokenize_batch(batch)
+
+    # -- the contract (see CONTRACT): a modality overrides each ------------------------------
+    def encode_codes(self, inputs: Any) -> torch.Tensor:
+        """Hard code ids of a batch of model inputs, without gradients."""
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_codes")
+
+    def decode_codes(self, codes: torch.Tensor) -> Any:
+        """The modality's output decoded from code ids (exact codebook entries)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement decode_codes")
+
+    def tokenize_batch(self, batch: Any) -> list[tuple[str, torch.Tensor]]:
+        """``(key, int64 code ids)`` per item of a batch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement tokenize_batch")
+
+    def decode_tokens_to_file(self, key: str, codes: torch.Tensor, out_dir: Path) -> Path:
+        """Decode one item's codes and write them under ``out_dir`` (name: ``safe_file_name``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement decode_tokens_to_file")

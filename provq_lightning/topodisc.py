@@ -8,13 +8,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanSquaredError
+from torchmetrics import MeanSquaredError, Metric
 
-from provq_lightning.datamodules.topodisc import COMPONENT_NAMES
 from provq_lightning.image_log import log_figure
 from provq_lightning.plots import embedding_figure
 from provq_lightning.quantizer import VectorQuantizer
-from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.tokenizer import VQTokenizer, safe_file_name
+from provq_lightning.topodisc_components import COMPONENT_NAMES
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -24,6 +24,12 @@ def mlp(sizes: list[int]) -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(nn.SiLU())
     return nn.Sequential(*layers)
+
+
+def mse_metrics() -> dict[str, Metric]:
+    """Reconstruction MSE overall (``mse``) and per component (``mse_disk``, ``mse_triangle``)."""
+    names = ["mse", *(f"mse_{name}" for name in COMPONENT_NAMES.values())]
+    return {name: MeanSquaredError() for name in names}
 
 
 class TopoDiscTokenizer(VQTokenizer):
@@ -47,14 +53,20 @@ class TopoDiscTokenizer(VQTokenizer):
         lr: float = 1e-3,
         figure_every_n_steps: int = 0,
     ) -> None:
-        super().__init__()
+        # Built in this order (encoder, decoder, codebook) so seeded initialisation is the same
+        # as in every earlier release.
+        encoder = mlp([2] + [hidden] * depth + [latent_dim])
+        decoder = mlp([latent_dim] + [hidden] * depth + [2])
+        quantizer = VectorQuantizer(num_codes, latent_dim, beta=beta, init=codebook_init)
+        super().__init__(quantizer)
         self.save_hyperparameters()
-        self.encoder = mlp([2] + [hidden] * depth + [latent_dim])
-        self.decoder = mlp([latent_dim] + [hidden] * depth + [2])
-        self.quantizer = VectorQuantizer(num_codes, latent_dim, beta=beta, init=codebook_init)
-        self.val_mse = nn.ModuleDict(
-            {name: MeanSquaredError() for name in ["all", *COMPONENT_NAMES.values()]}
-        )
+        self.encoder = encoder
+        self.decoder = decoder
+        # Registered again, now last: the parameter order of earlier releases, since an optimizer
+        # state in a checkpoint maps to the parameters by position.
+        del self.quantizer
+        self.quantizer = quantizer
+        self.add_split_metrics(mse_metrics)
         self._figure_latents: list[torch.Tensor] = []
         self._figure_labels: list[torch.Tensor] = []
 
@@ -67,60 +79,35 @@ class TopoDiscTokenizer(VQTokenizer):
         x, _ = batch
         q = self.quantize(self.encoder(x))
         recon = F.mse_loss(self.decoder(q.z_tilde), x)
-        loss = recon + self.vq_loss_weight * q.loss
-        if self.should_log_step():
-            self.log_dict(
-                {"train/loss": loss, "train/recon": recon, "train/vq": q.loss},
-                on_step=True,
-                on_epoch=False,
-                batch_size=x.shape[0],
-            )
+        loss = recon + self.omega * q.loss
+        self.log_train(
+            {"train/loss": loss, "train/recon": recon, "train/vq": q.loss}, batch_size=x.shape[0]
+        )
         return loss
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, labels = batch
         z = self.encoder(x)
-        q = self.quantize(z)
+        q = self.quantize(z)  # evaluation: always hard
         x_hat = self.decoder(q.z_tilde)
-        self.val_mse["all"].update(x_hat, x)
+        metrics = self.split_metrics[self.eval_prefix]
+        metrics["mse"].update(x_hat, x)
         for label, name in COMPONENT_NAMES.items():
             sel = labels == label
             if sel.any():
-                self.val_mse[name].update(x_hat[sel], x[sel])
+                metrics[f"mse_{name}"].update(x_hat[sel], x[sel])
         self.update_codebook_metrics(q.indices)
-        if self._figure_due():
+        if self.eval_prefix == "val" and self._figure_due():
             self._figure_latents.append(self.quantizer.prepare(z).detach().cpu())
             self._figure_labels.append(labels.cpu())
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def _log_mse(self, prefix: str) -> None:
-        for name, metric in self.val_mse.items():
-            key = f"{prefix}/mse" if name == "all" else f"{prefix}/mse_{name}"
-            self.log(key, metric.compute())
-            metric.reset()
-
     def on_validation_epoch_end(self) -> None:
-        self._log_mse("val")
         super().on_validation_epoch_end()
         self._log_figure()
 
-    def on_test_epoch_end(self) -> None:
-        self._log_mse("test")
-        super().on_test_epoch_end()
-
     def _figure_due(self) -> bool:
         every = self.hparams.figure_every_n_steps
-        return (
-            every > 0
-            and not self.trainer.sanity_checking
-            and self.global_step % every == 0
-            and len(self.loggers) > 0  # any logger: log_figure writes PNGs for those without images
-        )
+        return every > 0 and self.global_step % every == 0 and self.figures_due()
 
     def _log_figure(self) -> None:
         if not self._figure_latents:
@@ -128,43 +115,47 @@ class TopoDiscTokenizer(VQTokenizer):
         latents = torch.cat(self._figure_latents)
         labels = torch.cat(self._figure_labels)
         self._figure_latents, self._figure_labels = [], []
-        if self.trainer.is_global_zero:
-            fig = embedding_figure(
-                latents,
-                labels,
-                self.quantizer.codebook().detach().cpu(),
-                title=f"step {self.global_step} ({self.phase.name.lower()})",
-            )
-            log_figure(self, "val/embeddings", fig)
+        fig = embedding_figure(
+            latents,
+            labels,
+            self.quantizer.codebook().detach().cpu(),
+            title=f"step {self.global_step} ({self.phase.name.lower()})",
+        )
+        log_figure(self, "val/embeddings", fig)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
-    # -- tokenize / decode hooks (provq-tokenize, provq-decode, provq-fit predict) --------------
+    # -- the contract's codes and files (provq-tokenize, provq-decode, provq-fit predict) -------
     @torch.no_grad()
-    def tokenize_batch(self, batch: tuple[torch.Tensor, ...]) -> list[tuple[str, torch.Tensor]]:
-        """``(point index, its code id as a 0-d int64 tensor)`` per point; the index comes from
-        the datamodule's predict loader (``(x, labels, index)``), else the position in the batch.
-        """
-        x = batch[0].to(self.device)
-        index = batch[2] if len(batch) > 2 else torch.arange(len(x))
-        was_training = self.training
-        self.eval()
-        try:
-            codes = self.quantizer(self.encoder(x), alpha=0.0).indices.cpu()
-        finally:
-            self.train(was_training)
-        return [(f"{int(i):06d}", codes[n]) for n, i in enumerate(index)]
+    def encode_codes(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Code id (int64) of each 2-D point of ``inputs`` (N x 2), hard quantization."""
+        with self.eval_mode():
+            return self.quantizer(self.encoder(inputs.to(self.device)), alpha=0.0).indices
 
     @torch.no_grad()
-    def decode_tokens_to_file(self, key: str, codes: torch.Tensor, out_dir: Path) -> Path:
-        """Write the decoded 2-D point(s) of code id(s) to ``out_dir/<key>.npy`` (float32)."""
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The decoded 2-D point(s) of code id(s): shape ``codes.shape + (2,)``."""
         codes = torch.as_tensor(codes, device=self.device).long()
         k = self.quantizer.num_codes
         if codes.numel() == 0 or int(codes.min()) < 0 or int(codes.max()) >= k:
             raise ValueError(f"code ids must lie in [0, {k}); got shape {tuple(codes.shape)}")
-        points = self.decoder(self.quantizer.lookup(codes)).float().cpu().numpy()
-        path = Path(out_dir) / f"{key}.npy"
+        with self.eval_mode():
+            return self.decoder(self.quantizer.lookup(codes))
+
+    def tokenize_batch(self, batch: tuple[torch.Tensor, ...]) -> list[tuple[str, torch.Tensor]]:
+        """``(point index, its code id as a 0-d int64 tensor)`` per point; the index comes from
+        the datamodule's predict loader (``(x, labels, index)``), else the position in the batch.
+        """
+        x = batch[0]
+        index = batch[2] if len(batch) > 2 else torch.arange(len(x))
+        codes = self.encode_codes(x).cpu()
+        return [(f"{int(i):06d}", codes[n]) for n, i in enumerate(index)]
+
+    def decode_tokens_to_file(self, key: str, codes: torch.Tensor, out_dir: Path) -> Path:
+        """Write the decoded 2-D point(s) of code id(s) to ``out_dir/<key>.npy`` (float32)."""
+        points = self.decode_codes(codes).float().cpu().numpy()
+        path = Path(out_dir) / f"{safe_file_name(key)}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, points, allow_pickle=False)
         return path

@@ -230,14 +230,31 @@ def load_into(model: Any, payload: dict[str, Any], path: Path, weights: str = "m
     check_architecture(model.hparams, infer_architecture(state, path), path, where)
     mapped, incomplete, original = map_generator(state)
     with torch.no_grad():
-        load_mapped(model._generator(), mapped, path, f"{weights!r}", incomplete, original)
+        load_mapped(model.generator(), mapped, path, f"{weights!r}", incomplete, original)
         if model.ema is not None:  # provq's own EMA starts at the loaded weights
-            model.ema.load_state_dict(model._generator().state_dict())
+            model.ema.restart(model.generator())
         disc = payload.get("discriminator")
-        if model.discriminator is not None and isinstance(disc, dict) and disc:
+        if model.loss.discriminator is not None and isinstance(disc, dict) and disc:
             renamed = {_disc_name(k): v for k, v in disc.items()}
             original = {_disc_name(k): k for k in disc}
-            load_mapped(model.discriminator, renamed, path, "'discriminator'", None, original)
+            load_mapped(model.loss.discriminator, renamed, path, "'discriminator'", None,
+                        original)
+
+
+def build(cls: type, path: Path, weights: str, overrides: dict[str, Any]) -> Any:
+    """``cls`` (an ``ImageTokenizer``) in the checkpoint's shape holding its ``weights``, in
+    eval mode; ``overrides`` set the other arguments (``ImageTokenizer.from_llamagen``)."""
+    payload = read_checkpoint(path)
+    arch = infer_architecture(select_weights(payload, path, weights), path)
+    model = cls(**{**arch, **FIXED_ARGS, **overrides})
+    load_into(model, payload, path, weights)
+    return model.eval()
+
+
+def init_from(model: Any, spec: str) -> None:
+    """``ImageTokenizer(init_from=spec)``: load ``llamagen:PATH`` or ``llamagen-ema:PATH``."""
+    path, weights = parse_init_from(spec)
+    load_into(model, read_checkpoint(path), path, weights, where="model.init_args.")
 
 
 def _disc_name(key: str) -> str:

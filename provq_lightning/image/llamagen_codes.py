@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.image.transforms import to_model_range
 
 DATASET = "imagenet"  # LlamaGen's build_imagenet_code reads imagenet<S>_codes / _labels
 
@@ -85,18 +84,13 @@ class LlamaGenCodeWriter:
 def tokenize_views(model: Any, batch: dict[str, Any], image_size: int,
                    ten_crop: bool) -> list[tuple[str, int, torch.Tensor]]:
     """``(key, label, codes (A, h, w))`` per image of a batch, through ``model.encode_codes``."""
-    if not callable(getattr(model, "encode_codes", None)) or "label" not in batch:
+    if not callable(getattr(model, "model_input", None)) or "label" not in batch:
         raise ProvqError(f"--format llamagen needs an image tokenizer and a datamodule with class "
                          f"labels; {type(model).__name__} with batch keys {sorted(batch)} has not")
-    images = to_model_range(batch["image"].to(model.device))
-    stacked = views(images, image_size, ten_crop)
+    stacked = views(model.model_input(batch), image_size, ten_crop)
     b, a = stacked.shape[:2]
-    was_training = model.training
-    model.eval()
-    try:
+    with model.eval_mode():
         codes = model.encode_codes(stacked.flatten(0, 1)).cpu()
-    finally:
-        model.train(was_training)
     codes = codes.reshape(b, a, *codes.shape[-2:])
     labels = torch.as_tensor(batch["label"]).tolist()
     return [(str(key), int(labels[i]), codes[i]) for i, key in enumerate(batch["key"])]

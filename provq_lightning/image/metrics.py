@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
@@ -17,6 +19,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from provq_lightning.image.pretrained import build_fid_inception, build_lpips
 from provq_lightning.image.transforms import to_unit_range
 
 
@@ -78,3 +81,18 @@ class ReconstructionMetrics(nn.Module):
         for metric in (self.psnr, self.ssim, self.lpips, self.fid):
             if metric is not None:
                 metric.reset()
+
+
+def frozen_nets(hp: Any) -> dict[str, Any]:
+    """The frozen pretrained nets an ``ImageTokenizer`` with hyperparameters ``hp`` needs:
+    ``lpips`` (loss and/or evaluation; absent when neither uses it) and ``metrics`` (its
+    ``ReconstructionMetrics``). Missing weights fail here, at the start of a run."""
+    nets: dict[str, Any] = {}
+    if hp.lpips_weight > 0 or hp.eval_lpips:
+        hint = "model.init_args.lpips_weight: 0 and eval_lpips: false"
+        nets["lpips"] = build_lpips(hp.lpips_vgg_path, hint)
+    fid = None
+    if hp.eval_fid:
+        fid = build_fid_inception(hp.fid_inception_path, "model.init_args.eval_fid: false")
+    nets["metrics"] = ReconstructionMetrics(nets.get("lpips") if hp.eval_lpips else None, fid)
+    return nets

@@ -68,7 +68,7 @@ def table(runs: dict[str, dict[str, float]]) -> str:
 # -- reconstruction grid --------------------------------------------------------------------
 def validation_images(cfg: dict, n: int) -> torch.Tensor:
     """The first ``n`` validation images (uint8, centre crops) of a run's datamodule."""
-    from provq_lightning.tokenize_cli import dataloader
+    from provq_lightning.run_loading import dataloader
 
     loader, _ = dataloader(cfg, "val")
     images = []
@@ -93,14 +93,14 @@ def labelled_row(images: torch.Tensor, label: str) -> Image.Image:
 
 def reconstruction_grid(run_dirs: dict[str, Path], n: int) -> Image.Image:
     from provq_lightning.image.transforms import to_model_range
-    from provq_lightning.tokenize_cli import load_run
+    from provq_lightning.run_loading import load_run
 
     rows, originals = [], None
     for name, run_dir in run_dirs.items():
         model, cfg = load_run(run_dir / "checkpoints" / "last.ckpt", None, None, "cpu")
         if originals is None:  # every run shares the data config; take the photos once
-            originals = to_model_range(validation_images(cfg, n))
-            rows.append(labelled_row(originals, "original"))
+            originals = validation_images(cfg, n)  # uint8, as the model takes them
+            rows.append(labelled_row(to_model_range(originals), "original"))
         rows.append(labelled_row(model.reconstruct(originals), name))
     grid = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
     for i, row in enumerate(rows):

@@ -350,13 +350,13 @@ def load_tokenizer(
         model = ImageTokenizer.from_llamagen(args.llamagen, weights=weights, eval_fid=False,
                                              eval_lpips=False, lpips_weight=0.0)
         return model.to(device).eval().reconstruct, str(args.llamagen), weights
-    from provq_lightning.tokenize_cli import load_run
+    from provq_lightning.run_loading import load_run
 
     model, _ = load_run(args.ckpt, args.config, None, str(device))
     model = model.to(device).eval()
     weights = "live"
     if getattr(model, "ema", None) is not None and args.weights == "ema":
-        model._swap_ema()  # validation evaluates the EMA weights; so does the paper's rFID
+        model.ema.swap(model.generator())  # validation evaluates the EMA; so does the paper
         weights = "ema"
     return model.reconstruct, str(args.ckpt), weights
 

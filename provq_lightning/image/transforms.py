@@ -1,7 +1,8 @@
 """Image decoding and the LlamaGen-style crops, as plain functions on PIL images.
 
-Images leave the loader as uint8 (B, 3, H, W) tensors; ``to_model_range`` maps them to [-1, 1]
-on the device. Sending uint8 through the worker queues moves 4x fewer bytes than float32.
+Images leave the loader, and reach the model, as uint8 (B, 3, H, W) tensors: the worker
+queues and the host-to-device copy move 4x fewer bytes than float32. The model alone maps them
+to [-1, 1], on its device (``ImageTokenizer.model_input``, with ``to_model_range``).
 
 Training crop (LlamaGen's ``random_crop_arr``): the short side is resized to a random length in
 ``[size / max_crop_frac, size / min_crop_frac]``, then a random ``size`` x ``size`` window is
@@ -18,6 +19,8 @@ import random
 import numpy as np
 import torch
 from PIL import Image
+
+from provq_lightning.errors import ProvqError
 
 
 class UndecodableImage(ValueError):
@@ -81,10 +84,11 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]; float input is passed through."""
-    if images.dtype == torch.uint8:
-        return images.float().div_(127.5).sub_(1.0)
-    return images
+    """uint8 [0, 255] -> float [-1, 1], the model's input range."""
+    if images.dtype != torch.uint8:
+        raise ProvqError(f"image batch is {images.dtype}, not uint8: ImageTokenizer maps uint8 "
+                         "images (B, 3, H, W) to [-1, 1] itself; deliver uint8 pixels (0-255)")
+    return images.float().div_(127.5).sub_(1.0)
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -96,3 +100,12 @@ def to_uint8_image(image: torch.Tensor) -> np.ndarray:
     """One (3, H, W) model-range image -> (H, W, 3) uint8 array, rounded."""
     unit = to_unit_range(image.detach().cpu())
     return (unit * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def pairs_grid(inputs: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
+    """Model-range inputs and their reconstructions side by side, one pair per row: a [0, 1]
+    (3, H', W') picture, as ``image_log.log_figure`` takes it."""
+    from torchvision.utils import make_grid
+
+    pairs = torch.stack([inputs, recons], dim=1).flatten(0, 1)
+    return make_grid(to_unit_range(pairs), nrow=2, padding=2)

@@ -168,7 +168,3 @@ class Decoder(nn.Module):
     def last_layer_weight(self) -> torch.Tensor:
         """The output conv's weight (for the adaptive adversarial weight)."""
         return self.conv_out.weight
-
-
-def downsample_factor(ch_mult: tuple[int, ...] | list[int]) -> int:
-    return 2 ** (len(ch_mult) - 1)

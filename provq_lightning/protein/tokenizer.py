@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
+from torchmetrics import Metric
 
 from provq_lightning.image_log import log_figure
 from provq_lightning.protein.decoder import StructureDecoder
@@ -30,10 +30,15 @@ from provq_lightning.protein.metrics import CALDDT, BackboneRMSD, TMScore
 from provq_lightning.protein.pdb_io import write_backbone_pdb
 from provq_lightning.protein.plots import chain_figure
 from provq_lightning.quantizer import VectorQuantizer
-from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.tokenizer import VQTokenizer, safe_file_name
 
 VARIANTS = ("vanilla", "aminoaseed")
 MISSING_TOKEN = -1  # residues without a backbone frame have no code
+
+
+def structure_metrics() -> dict[str, Metric]:
+    """Backbone RMSD, CA-lDDT and TM-score after superposition, per chain, averaged per split."""
+    return {"rmsd": BackboneRMSD(), "lddt": CALDDT(), "tm_score": TMScore()}
 
 
 class ProteinTokenizer(VQTokenizer):
@@ -81,15 +86,15 @@ class ProteinTokenizer(VQTokenizer):
         lr_warmup_steps: int = 0,
         num_log_structures: int = 2,
     ) -> None:
-        super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        self.save_hyperparameters()
-        self.encoder = StructureEncoder(
+        # Built in this order (encoder, codebook, decoder) so seeded initialisation is the same
+        # as in every earlier release.
+        encoder = StructureEncoder(
             encoder_dim, encoder_heads, encoder_layers, code_dim, knn, rel_pos_bins
         )
         aminoaseed = variant == "aminoaseed"
-        self.quantizer = VectorQuantizer(
+        quantizer = VectorQuantizer(
             num_codes,
             code_dim,
             beta=beta,
@@ -98,7 +103,7 @@ class ProteinTokenizer(VQTokenizer):
             freeze_base_codebook=aminoaseed,
             init=codebook_init,
         )
-        self.decoder = StructureDecoder(
+        decoder = StructureDecoder(
             code_dim,
             decoder_dim,
             decoder_heads,
@@ -106,9 +111,15 @@ class ProteinTokenizer(VQTokenizer):
             distogram_bins=64 if distogram_weight > 0 else 0,
             pair_dim=pair_dim,
         )
-        self.rmsd = nn.ModuleDict({"val": BackboneRMSD(), "test": BackboneRMSD()})
-        self.lddt = nn.ModuleDict({"val": CALDDT(), "test": CALDDT()})
-        self.tm_score = nn.ModuleDict({"val": TMScore(), "test": TMScore()})
+        super().__init__(quantizer)
+        self.save_hyperparameters()
+        self.encoder = encoder
+        # Registered again, after the encoder: the parameter order of earlier releases, since an
+        # optimizer state in a checkpoint maps to the parameters by position.
+        del self.quantizer
+        self.quantizer = quantizer
+        self.decoder = decoder
+        self.add_split_metrics(structure_metrics)
         self._picture_chains: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     # -- model ------------------------------------------------------------------------------
@@ -149,29 +160,25 @@ class ProteinTokenizer(VQTokenizer):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q, _, losses, recon = self._step(batch)
-        loss = recon + self.vq_loss_weight * q.loss
-        if self.should_log_step():
-            n = int(batch["residue_mask"].sum())
-            self.log_dict(
-                {
-                    "train/loss": loss,
-                    "train/recon": recon,
-                    "train/vq": q.loss,
-                    **{f"train/{k}": v for k, v in losses.items()},
-                },
-                on_step=True,
-                on_epoch=False,
-                batch_size=max(n, 1),
-            )
+        loss = recon + self.omega * q.loss
+        self.log_train(
+            {
+                "train/loss": loss,
+                "train/recon": recon,
+                "train/vq": q.loss,
+                **{f"train/{k}": v for k, v in losses.items()},
+            },
+            batch_size=max(int(batch["residue_mask"].sum()), 1),
+        )
         return loss
 
-    def _evaluate(self, batch: dict, prefix: str) -> None:
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
         q, out, losses, recon = self._step(batch)  # eval mode: always hard quantization
+        prefix = self.eval_prefix
         mask = batch["residue_mask"]
         true = batch["coords"][:, :, :3]
-        self.rmsd[prefix].update(out.backbone.float(), true, mask)
-        self.lddt[prefix].update(out.backbone.float(), true, mask)
-        self.tm_score[prefix].update(out.backbone.float(), true, mask)
+        for metric in self.split_metrics[prefix].values():
+            metric.update(out.backbone.float(), true, mask)
         self.update_codebook_metrics(q.indices, mask)
         if prefix == "val":
             self._keep_picture_chains(batch, out.backbone)
@@ -180,29 +187,8 @@ class ProteinTokenizer(VQTokenizer):
         for k, v in values.items():
             self.log(f"{prefix}/{k}", v, batch_size=b, sync_dist=True)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def _log_structure_metrics(self, prefix: str) -> None:
-        for name, per_stage in (("rmsd", self.rmsd), ("lddt", self.lddt),
-                                ("tm_score", self.tm_score)):
-            metric = per_stage[prefix]
-            if metric.update_called:
-                self.log(f"{prefix}/{name}", metric.compute())
-            metric.reset()
-
     def _pictures_due(self) -> bool:
-        trainer = self._trainer  # the public property raises without a trainer
-        return (
-            self.hparams.get("num_log_structures", 0) > 0
-            and trainer is not None
-            and trainer.is_global_zero  # only rank 0 logs pictures
-            and not trainer.sanity_checking
-            and len(trainer.loggers) > 0  # any logger: log_figure writes PNGs for the rest
-        )
+        return self.hparams.get("num_log_structures", 0) > 0 and self.figures_due()
 
     def _keep_picture_chains(self, batch: dict, pred: torch.Tensor) -> None:
         """Keep the first ``num_log_structures`` validation chains (the loader does not
@@ -233,13 +219,8 @@ class ProteinTokenizer(VQTokenizer):
         super().on_validation_epoch_start()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_structure_metrics("val")
         super().on_validation_epoch_end()
         self._log_structure_pictures("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_structure_metrics("test")
-        super().on_test_epoch_end()
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -263,28 +244,25 @@ class ProteinTokenizer(VQTokenizer):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # -- tokenize / decode hooks (provq-tokenize, provq-decode) ---------------------------
+    # -- the contract's codes and files (provq-tokenize, provq-decode, provq-fit predict) -------
     @torch.no_grad()
-    def tokens(self, batch: dict) -> torch.Tensor:
-        """Code ids (B, L); ``MISSING_TOKEN`` where a residue has no backbone or is padding."""
-        was_training = self.training
-        self.eval()
-        try:
-            q = self.quantizer(self.encode(batch), alpha=0.0, mask=batch["residue_mask"])
-        finally:
-            self.train(was_training)
-        return q.indices.masked_fill(~batch["residue_mask"], MISSING_TOKEN)
+    def encode_codes(self, inputs: dict) -> torch.Tensor:
+        """Code ids (B, L) of a batch; ``MISSING_TOKEN`` where a residue has no backbone or is
+        padding."""
+        with self.eval_mode():
+            q = self.quantizer(self.encode(inputs), alpha=0.0, mask=inputs["residue_mask"])
+        return q.indices.masked_fill(~inputs["residue_mask"], MISSING_TOKEN)
 
     def tokenize_batch(self, batch: dict) -> list[tuple[str, torch.Tensor]]:
         """``(chain id, int64 codes of its residues)`` per chain; -1 marks residues without a
         backbone frame."""
-        codes = self.tokens(batch).cpu()
+        codes = self.encode_codes(batch).cpu()
         lengths = batch["pad_mask"].sum(-1).tolist()
         pairs = zip(batch["ids"], lengths, strict=True)
         return [(key, codes[i, :n]) for i, (key, n) in enumerate(pairs)]
 
     @torch.no_grad()
-    def decode_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Backbone (L, 4, 3) N/CA/C/O decoded from a code sequence (L,) (-1 = missing)."""
         codes = torch.as_tensor(codes, device=self.device).long().reshape(-1)
         if codes.numel() == 0:
@@ -293,16 +271,12 @@ class ProteinTokenizer(VQTokenizer):
         if int(codes.max()) >= k or int(codes.min()) < MISSING_TOKEN:
             raise ValueError(f"token ids must lie in [0, {k}) or be {MISSING_TOKEN}")
         present = codes >= 0
-        z = self.quantizer.lookup(codes.clamp_min(0)).unsqueeze(0)
-        was_training = self.training
-        self.eval()
-        try:
+        with self.eval_mode():
+            z = self.quantizer.lookup(codes.clamp_min(0)).unsqueeze(0)
             out = self.decoder(z, present[None], torch.ones_like(present)[None], False)
-        finally:
-            self.train(was_training)
         return backbone_with_oxygen(out.backbone[0].float())
 
     def decode_tokens_to_file(self, key: str, codes: torch.Tensor, out_dir: Path) -> Path:
         """Write the decoded backbone of one chain to ``out_dir/<key>.pdb``."""
-        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in key)
-        return write_backbone_pdb(Path(out_dir) / f"{safe}.pdb", self.decode_tokens(codes))
+        path = Path(out_dir) / f"{safe_file_name(key)}.pdb"
+        return write_backbone_pdb(path, self.decode_codes(codes))

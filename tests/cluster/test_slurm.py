@@ -83,7 +83,7 @@ def slurm_env():
 
 def provq_sweep(env: dict, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "provq_lightning.sweep", *args],
+        [sys.executable, "-m", "provq_lightning.tools.sweep", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

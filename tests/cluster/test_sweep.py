@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from provq_lightning.sweep import main, render_script
-from provq_lightning.sweep_report import write_report
-from provq_lightning.sweep_spec import SweepError, load_sweep
+from provq_lightning.tools.sweep import main, render_script
+from provq_lightning.tools.sweep_report import write_report
+from provq_lightning.tools.sweep_spec import SweepError, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = REPO / "experiments" / "sweeps"
@@ -65,7 +65,7 @@ def test_shipped_sweeps_parse(name, count):
 )
 def test_task_arguments_resolve_in_provq_fit(name, index, tmp_path, capsys):
     """Every key a sweep sets (and the sweep's own logger/root-dir ones) exists in provq-fit."""
-    from provq_lightning.cli import main as provq_fit
+    from provq_lightning.tools.fit import main as provq_fit
 
     task = load_sweep(SWEEPS / f"{name}.yaml").tasks[index]
     extra = [

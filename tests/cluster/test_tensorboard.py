@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from provq_lightning.codebook_metrics import CODEBOOK_METRIC_NAMES
+
 REPO = Path(__file__).resolve().parents[2]
 WARMUP, TRANSITION, STEPS = 20, 20, 60
 
@@ -32,12 +34,7 @@ SCALARS = {
     "val/mse",
     "val/mse_disk",
     "val/mse_triangle",
-    "val/utilization",
-    "val/perplexity",
-    "val/normalized_perplexity",
-    "val/dead_codes",
-    "val/codebook_distance",
-    "val/codebook_distance_used",
+    *(f"val/{name}" for name in CODEBOOK_METRIC_NAMES),
 }
 
 
@@ -46,7 +43,7 @@ def fit_config(config: dict, tmp: Path) -> None:
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.run(
-        [sys.executable, "-m", "provq_lightning.cli", "fit", "--config", str(path)],
+        [sys.executable, "-m", "provq_lightning.tools.fit", "fit", "--config", str(path)],
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -173,7 +170,7 @@ def image_events(tmp_path_factory):
     """A 3-step ImageTokenizer run on synthetic JPEGs: the modality that logs histograms."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tests.image.conftest import write_flat_folder
+    from tests.image.helpers import write_flat_folder
 
     tmp = tmp_path_factory.mktemp("tb_image")
     write_flat_folder(tmp / "photos", 20)

@@ -99,11 +99,11 @@ class RecordSeeding(Callback):
     def on_before_backward(
         self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
     ) -> None:
-        # After training_step, before the curriculum callback consumes the latents.
-        if pl_module.seeding_latents is not None and _curriculum(trainer)._collecting(
-            trainer.global_step
-        ):
-            self.latents.append(pl_module.seeding_latents.detach().cpu().clone())
+        # After training_step, before the curriculum callback consumes the latents its forward
+        # hook on the quantizer caught in this step.
+        cb = _curriculum(trainer)
+        if cb._latents and cb._collecting(trainer.global_step):
+            self.latents.append(torch.cat(cb._latents).detach().cpu().clone())
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

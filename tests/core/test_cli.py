@@ -9,13 +9,16 @@ from pathlib import Path
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from provq_lightning.codebook_metrics import CODEBOOK_METRIC_NAMES
+from tests.helpers import cli_in_process
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def provq_fit(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "provq_lightning.cli", *args],
+        [sys.executable, "-m", "provq_lightning.tools.fit", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -25,22 +28,6 @@ def provq_fit(*args: str) -> subprocess.CompletedProcess:
 
 
 CONFIG = str(REPO / "experiments" / "topodisc_provq.yaml")
-
-
-def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
-    """Run provq-fit's argument handling in this process (no training starts on errors)."""
-    from provq_lightning.cli import main
-
-    argv = sys.argv
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    finally:
-        sys.argv = argv
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_bad_key_and_bad_type_fail_before_training_naming_the_key(tmp_path, capsys):
@@ -95,12 +82,7 @@ def test_fit_writes_config_and_metrics_then_validate_and_test_work(tmp_path):
         "val/mse",
         "val/mse_disk",
         "val/mse_triangle",
-        "val/utilization",
-        "val/perplexity",
-        "val/normalized_perplexity",
-        "val/dead_codes",
-        "val/codebook_distance",
-        "val/codebook_distance_used",
+        *(f"val/{name}" for name in CODEBOOK_METRIC_NAMES),
     ):
         assert isinstance(metrics[key], float), key
     assert metrics["global_step"] == 30.0

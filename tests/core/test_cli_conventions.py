@@ -14,15 +14,16 @@ import pytest
 import torch
 import yaml
 
-from provq_lightning.tokenize_cli import tokenize_main
-from tests.core.test_cli import CONFIG, cli_in_process
+from provq_lightning.tools.tokenize_cli import tokenize_main
+from tests.helpers import cli_in_process
 
 REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "experiments" / "topodisc_provq.yaml")
 
 
 def provq_fit(*args: str) -> None:
     """``provq-fit`` in this process; a failure (non-zero exit) fails the test."""
-    from provq_lightning.cli import main
+    from provq_lightning.tools.fit import main
 
     argv = sys.argv
     try:
@@ -186,7 +187,7 @@ def test_predict_writes_topodisc_codes_like_provq_tokenize(topodisc_run, tmp_pat
 
 # -- provq-fit predict, image and protein tokenizers -------------------------------------
 def test_predict_writes_image_codes_and_csv_logger_gets_the_reconstruction_grid(tmp_path):
-    from tests.image.conftest import TINY, write_flat_folder
+    from tests.image.helpers import TINY, write_flat_folder
 
     write_flat_folder(tmp_path / "photos", 12)
     cfg = yaml.safe_load((REPO / "experiments" / "imagenet_sample_64px.yaml").read_text())
@@ -207,8 +208,7 @@ def test_predict_writes_image_codes_and_csv_logger_gets_the_reconstruction_grid(
 
 
 def test_predict_writes_protein_codes_with_a_configured_writer(tmp_path):
-    from tests.protein.conftest import EDGE, need_shared_data
-    from tests.protein.test_tokenizer import TINY
+    from tests.protein.helpers import EDGE, TINY, need_shared_data
 
     need_shared_data()
     src = tmp_path / "src"

@@ -98,7 +98,7 @@ def test_nothing_is_logged_off_rank_zero_or_in_the_sanity_check(tmp_path):
 @pytest.fixture(scope="module")
 def two_logger_run(tmp_path_factory) -> tuple[Path, Path]:
     """A 20-step TopoDisc ProVQ fit logging to TensorBoard and CSV at once; their run dirs."""
-    from provq_lightning.cli import main
+    from provq_lightning.tools.fit import main
 
     out = tmp_path_factory.mktemp("loggers")
     cfg = yaml.safe_load((REPO / "experiments" / "topodisc_provq.yaml").read_text())

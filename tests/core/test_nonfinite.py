@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from provq_lightning.callbacks.metrics_json import MetricsJsonCallback
 from provq_lightning.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
-from provq_lightning.cli import provq_callbacks
 from provq_lightning.errors import ProvqError
 from provq_lightning.kmeans import NonFiniteInputError, kmeans
+from provq_lightning.tools.fit import provq_callbacks
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "experiments" / "topodisc_provq.yaml"
@@ -75,7 +75,7 @@ def test_diverging_topodisc_fit_stops_at_the_first_nan_naming_the_term(tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
     fit = subprocess.run(
-        [sys.executable, "-m", "provq_lightning.cli", "--config", str(config)],
+        [sys.executable, "-m", "provq_lightning.tools.fit", "--config", str(config)],
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,

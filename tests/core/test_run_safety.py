@@ -22,7 +22,8 @@ QUIET = ("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 def provq_fit(cwd: Path, *args: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "provq_lightning.cli", "--config", str(CONFIG), *QUIET, *args]
+    fit = [sys.executable, "-m", "provq_lightning.tools.fit"]
+    cmd = [*fit, "--config", str(CONFIG), *QUIET, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(
@@ -196,7 +197,7 @@ def test_newest_resumable_run_is_the_latest_last_ckpt(tmp_path):
 def test_curriculum_setting_errors_are_one_line_before_training(
     tmp_path, monkeypatch, capsys, setting, value, expected
 ):
-    from provq_lightning.cli import main
+    from provq_lightning.tools.fit import main
 
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg["trainer"]["callbacks"][0]["init_args"][setting] = value
@@ -215,7 +216,7 @@ def test_curriculum_setting_errors_are_one_line_before_training(
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint\n", b"PK\x03\x04trunc"])
 def test_unreadable_ckpt_path_is_one_line_naming_it(tmp_path, monkeypatch, capsys, content):
-    from provq_lightning.cli import main
+    from provq_lightning.tools.fit import main
 
     bad = tmp_path / "broken.ckpt"
     bad.write_bytes(content)

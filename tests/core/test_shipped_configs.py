@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from provq_lightning.cli import main
 from provq_lightning.errors import ProvqError
-from provq_lightning.shipped_configs import resolve_config_args, shipped_names
+from provq_lightning.tools.shipped_configs import resolve_config_args, shipped_names
+from tests.helpers import cli_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "experiments"
@@ -58,22 +57,9 @@ def test_shipped_names_are_the_fit_configs_not_the_sweeps():
     assert not [n for n in names if n.startswith("sweeps/")]
 
 
-def _provq_fit(args: list[str], capsys) -> tuple[int, str, str]:
-    argv = sys.argv
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_provq_fit_resolves_shipped_configs_by_name(capsys):
-    code, out, err = _provq_fit(
-        ["--config", "in100/base", "--config", "in100/provq", "--print_config"], capsys)
+    code, out, err = cli_in_process(
+        capsys, "--config", "in100/base", "--config", "in100/provq", "--print_config")
     assert code == 0, err[-2000:]
     config = yaml.safe_load(out)
     assert config["trainer"]["logger"]["init_args"]["name"] == "in100_provq"
@@ -83,7 +69,7 @@ def test_provq_fit_resolves_shipped_configs_by_name(capsys):
 
 
 def test_provq_fit_refuses_an_unknown_config_in_one_line(capsys):
-    code, _, err = _provq_fit(["--config", "topodisc_prvq", "--print_config"], capsys)
+    code, _, err = cli_in_process(capsys, "--config", "topodisc_prvq", "--print_config")
     assert code == 1
     assert err.startswith("provq-fit: error: --config topodisc_prvq: no such file in ")
     assert err.count("\n") == 1 and "topodisc_provq" in err

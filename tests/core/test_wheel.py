@@ -85,8 +85,8 @@ def test_installed_wheel_fits_a_shipped_config_by_name_outside_the_checkout(whee
 
     # `python -c` puts the cwd (with the user's callbacks.py) first on sys.path.
     where = _run([str(venv / "bin" / "python"), "-c",
-                  "import provq_lightning.cli, provq_lightning.callbacks.curriculum as c; "
-                  "print(provq_lightning.cli.__file__); print(c.__file__)"],
+                  "import provq_lightning.tools.fit, provq_lightning.callbacks.curriculum as c; "
+                  "print(provq_lightning.tools.fit.__file__); print(c.__file__)"],
                  cwd=work, env=env).stdout.split()
     assert all(Path(f).is_relative_to(venv) for f in where), where
 

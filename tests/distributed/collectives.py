@@ -34,8 +34,7 @@ def build_model() -> TopoDiscTokenizer:
 def worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     usage = CodebookUsage(NUM_CODES)
-    model = build_model()
-    model.codebook_usage  # noqa: B018  (builds the metric the base class builds lazily)
+    model = build_model()  # its codebook-usage metric too, before the group exists
     asked_before = (distributed.is_distributed(), distributed.rank())
 
     dist.init_process_group(

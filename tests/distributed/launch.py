@@ -2,7 +2,7 @@
 
 Children are forked from a ``multiprocessing`` fork server that has already imported torch,
 Lightning and provq, so a run costs its training time rather than ~5 s of imports; each child
-then runs exactly what the ``provq-fit`` entry point runs (``provq_lightning.cli.main``). A
+then runs exactly what the ``provq-fit`` entry point runs (``provq_lightning.tools.fit.main``). A
 child may SIGKILL itself (``tests.core.helpers.KillAtStep``); its exit code is then
 ``-SIGKILL``.
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 PRELOAD = [
     "torch",
     "lightning.pytorch",
-    "provq_lightning.cli",
+    "provq_lightning.tools.fit",
     "provq_lightning.topodisc",
     "provq_lightning.datamodules.topodisc",
     "provq_lightning.callbacks.curriculum",
@@ -68,7 +68,7 @@ def _child(argv: list[str], env: dict[str, str], log: str) -> None:
     import torch
 
     torch.set_num_threads(1)  # 2 shared cores; also what OMP_NUM_THREADS=1 would give
-    from provq_lightning.cli import main
+    from provq_lightning.tools.fit import main
 
     main(argv)
 

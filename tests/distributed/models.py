@@ -10,18 +10,16 @@ from provq_lightning.topodisc import TopoDiscTokenizer
 
 
 class EagerMetricsTopoDisc(TopoDiscTokenizer):
-    """``TopoDiscTokenizer`` whose codebook-usage metric is built in ``__init__``.
+    """``TopoDiscTokenizer`` that checks its metrics were built without a process group.
 
     ``provq-fit`` builds the model before the Trainer creates the process group, so anything
-    this constructor decides about cross-rank syncing is decided without one. The base class
-    builds the metric lazily (at the first validation, after the group exists), which would
-    hide such a decision; building it here exposes it.
+    this constructor decides about cross-rank syncing (``VQTokenizer.__init__`` builds the
+    codebook-usage metric) is decided without one; the test means something only then.
     """
 
     def __init__(self, num_codes: int = 32, lr: float = 1e-3, figure_every_n_steps: int = 0):
         super().__init__(num_codes=num_codes, lr=lr, figure_every_n_steps=figure_every_n_steps)
         self.built_without_process_group = not (dist.is_available() and dist.is_initialized())
-        self.codebook_usage  # noqa: B018  (the property builds the metric)
 
     def on_fit_start(self) -> None:
         # The test means something only if the group came after the metric.

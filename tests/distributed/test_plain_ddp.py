@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from tests.distributed import launch
-from tests.image.conftest import TINY, write_flat_folder
+from tests.image.helpers import TINY, write_flat_folder
 
 REPO = Path(__file__).resolve().parents[2]
 WARMUP, TRANSITION = 4, 4

@@ -18,20 +18,14 @@ import pytest
 import torch
 import yaml
 
+from provq_lightning.codebook_metrics import CODEBOOK_METRIC_NAMES
 from provq_lightning.kmeans import kmeans
 from tests.core.helpers import read_records as read
 from tests.distributed import launch
 
 REPO = Path(__file__).resolve().parents[2]
 WARMUP, TRANSITION, STEPS, COLLECT, K = 20, 10, 40, 4, 16
-CODEBOOK_METRICS = (
-    "val/utilization",
-    "val/perplexity",
-    "val/normalized_perplexity",
-    "val/dead_codes",
-    "val/codebook_distance",
-    "val/codebook_distance_used",
-)
+CODEBOOK_METRICS = tuple(f"val/{name}" for name in CODEBOOK_METRIC_NAMES)
 
 
 def write_config(tmp: Path, version: str, records: bool) -> Path:

@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from provq_lightning.datamodules.imagenet import ImageNetDataModule
 from provq_lightning.image.tokenizer import ImageTokenizer
-from tests.image.conftest import TINY
+from tests.image.helpers import TINY
 
 
 class RecordKeys(L.Callback):

@@ -16,8 +16,8 @@ from provq_lightning.checkpoint_check import check_checkpoint_file, load_checkpo
 from provq_lightning.errors import ProvqError
 from provq_lightning.image.make_shards import main as make_shards
 from provq_lightning.image.tokenizer import ImageTokenizer
-from provq_lightning.tokenize_cli import CodeWriter, decode_main, load_run, tokenize_main
-from tests.image.conftest import TINY
+from provq_lightning.tools.tokenize_cli import CodeWriter, decode_main, load_run, tokenize_main
+from tests.image.helpers import TINY
 
 NUM_CODES = TINY["num_codes"]
 

@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 
 from provq_lightning.protein.paths import REPO_ROOT
-from tests.eval_helpers import provq_fit, run_files
-from tests.image.conftest import TINY, jpeg_bytes, write_flat_folder
+from tests.helpers import provq_fit, run_files
+from tests.image.helpers import TINY, jpeg_bytes, write_flat_folder
 
 
 def write_pictures(root: Path) -> int:

@@ -234,11 +234,12 @@ def test_discriminator_entry_is_loaded(tmp_path):
     ref = random_ref(0, mult=(1, 2), nres=1, k=16)
     donor = ImageTokenizer(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, num_codes=16,
                            lpips_weight=0.0, eval_lpips=False, eval_fid=False)
-    disc = {k.replace("net.", "main.", 1): v for k, v in donor.discriminator.state_dict().items()}
+    donor_disc = donor.loss.discriminator.state_dict()
+    disc = {k.replace("net.", "main.", 1): v for k, v in donor_disc.items()}
     path = save(tmp_path, ref.state_dict(), discriminator=disc)
     model = ImageTokenizer.from_llamagen(path, lpips_weight=0.0, eval_lpips=False, eval_fid=False)
-    for name, value in donor.discriminator.state_dict().items():
-        assert torch.equal(model.discriminator.state_dict()[name], value), name
+    for name, value in donor_disc.items():
+        assert torch.equal(model.loss.discriminator.state_dict()[name], value), name
 
 
 SMALL = dict(mult=(1, 2), nres=1, k=16)
@@ -332,7 +333,7 @@ def test_llamagen_export_loads_in_llamagens_shapes(photo_run, tmp_path, ten_crop
     from provq_lightning.datamodules.image_folder import ImageFolderDataModule
     from provq_lightning.image.llamagen_codes import views
     from provq_lightning.image.transforms import to_model_range
-    from provq_lightning.tokenize_cli import tokenize_main
+    from provq_lightning.tools.tokenize_cli import tokenize_main
 
     run, model, data = photo_run
     out = tmp_path / ("imagenet_code_c2i_flip_ten_crop" if ten_crop else "imagenet_code_flip")
@@ -368,7 +369,7 @@ def test_llamagen_export_loads_in_llamagens_shapes(photo_run, tmp_path, ten_crop
 def test_llamagen_export_refusals(photo_run, tmp_path, capsys):
     """A second export into a used folder (stale numbered files would join LlamaGen's data set)
     and --ten-crop without --format llamagen stop in one line."""
-    from provq_lightning.tokenize_cli import tokenize_main
+    from provq_lightning.tools.tokenize_cli import tokenize_main
 
     run, _, _ = photo_run
     base = ["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--device", "cpu", "--limit", "1"]

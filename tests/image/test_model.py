@@ -12,12 +12,13 @@ import torch
 import yaml
 
 from provq_lightning.callbacks.curriculum import CurriculumCallback
+from provq_lightning.errors import ProvqError
 from provq_lightning.image.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from provq_lightning.image.pretrained import MissingWeights
 from provq_lightning.image.tokenizer import ImageTokenizer
 from provq_lightning.image.vqgan import Decoder, Encoder
 from provq_lightning.schedules import Phase
-from tests.image.conftest import TINY
+from tests.image.helpers import TINY, Batches, Module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,20 +50,6 @@ def test_missing_lpips_weights_fail_at_start(tmp_path, monkeypatch):
         model.setup("fit")
 
 
-class Batches(torch.utils.data.Dataset):
-    """Fixed random uint8 images in the datamodules' batch format."""
-
-    def __init__(self, n: int, size: int = 16) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": 0, "key": f"img{i}"}
-
-
 class Record(L.Callback):
     def __init__(self) -> None:
         self.rows = []
@@ -70,12 +57,6 @@ class Record(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.rows.append((trainer.global_step, pl_module.phase, float(pl_module.curriculum_alpha),
                           pl_module.disc_active(trainer.global_step - 1)))
-
-
-class Module(ImageTokenizer):
-    def on_after_batch_transfer(self, batch, dataloader_idx):
-        batch["image"] = batch["image"].float() / 127.5 - 1
-        return batch
 
 
 def test_curriculum_drives_the_tokenizer_and_global_step_counts_batches(tmp_path):
@@ -115,6 +96,33 @@ def test_validation_quantizes_hard_during_warmup():
     assert torch.allclose(q.z_tilde, model.quantizer.lookup(q.indices), atol=1e-6)
 
 
+def test_the_model_alone_maps_uint8_batches_to_its_range():
+    torch.manual_seed(0)
+    model = ImageTokenizer(**TINY).eval()
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    x = model.model_input({"image": images})
+    assert torch.equal(x, images.float() / 127.5 - 1)
+    # reconstruct takes the uint8 pixels or images already in [-1, 1] (LlamaGen's convention).
+    assert torch.equal(model.reconstruct(images), model.reconstruct(x))
+    with pytest.raises(ProvqError, match="float32, not uint8") as err:
+        model.model_input({"image": x})  # converted twice would be silently wrong
+    assert "\n" not in str(err.value)
+
+
+def test_checkpoints_with_the_discriminator_at_the_top_level_still_load():
+    """Checkpoints from before ``VQGANLoss`` held the PatchGAN at ``discriminator.*``."""
+    torch.manual_seed(0)
+    saved = ImageTokenizer(**TINY).state_dict()
+    old = {k.replace("loss.discriminator.", "discriminator.", 1): v for k, v in saved.items()}
+    assert any(k.startswith("discriminator.") for k in old)
+    torch.manual_seed(1)
+    model = ImageTokenizer(**TINY)
+    model.load_state_dict(old, strict=True)
+    assert model.state_dict().keys() == saved.keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
 @pytest.mark.parametrize(
     "name",
     ["imagenet_sample_64px", "imagenet_sample_64px_vanilla", "in1k_16x16", "in1k_24x24",
@@ -122,7 +130,7 @@ def test_validation_quantizes_hard_during_warmup():
      "in100/simvq_soft", "in100/provq_hard_schedule"],
 )
 def test_configs_resolve(name, capsys):
-    from provq_lightning.cli import main
+    from provq_lightning.tools.fit import main
 
     configs = [REPO / "experiments" / f"{name}.yaml"]
     if name.startswith("in100/"):  # the ablations share a base

@@ -17,8 +17,7 @@ from PIL import Image
 from provq_lightning.image import pretrained as pt
 from provq_lightning.image import rfid
 from provq_lightning.image.tokenizer import ImageTokenizer
-
-from .conftest import TINY
+from tests.image.helpers import TINY
 
 
 # -- .npz sample batches ----------------------------------------------------------------
@@ -253,7 +252,7 @@ def test_rfid_uses_the_ema_weights_unless_told_otherwise(tmp_path):
     torch.save({"state_dict": model.state_dict()}, run / "checkpoints" / "last.ckpt")
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     live = model.eval().reconstruct(images)
-    model._swap_ema()
+    model.ema.swap(model.generator())
     ema = model.reconstruct(images)
     common = ["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--data", str(tmp_path),
               "--out", str(tmp_path)]

@@ -7,8 +7,7 @@ import torch
 
 from provq_lightning.callbacks.curriculum import CurriculumCallback
 from provq_lightning.schedules import Phase
-from tests.image.conftest import TINY
-from tests.image.test_model import Batches, Module
+from tests.image.helpers import TINY, Batches, Module
 
 STEPS, WARMUP, TRANSITION = 6, 2, 2
 
@@ -102,7 +101,7 @@ def test_zero_weight_warmup_terms_leave_the_optimizer_untouched():
     assert model.quantizer.embedding.weight not in opt_g.state
     assert model.encoder.conv_in.weight in opt_g.state  # the generator did step
     assert torch.equal(model.quantizer.embedding.weight, codebook)
-    assert not opt_d.state and all(p.grad is None for p in model.discriminator.parameters())
+    assert not opt_d.state and all(p.grad is None for p in model.loss.discriminator.parameters())
 
 def test_compiled_encoder_and_decoder_match_eager_outputs_and_gradients():
     # aot_eager: TorchDynamo captures the real modules and AOTAutograd builds forward and

@@ -13,7 +13,7 @@ import torch
 from provq_lightning.datamodules.imagenet import ImageNetDataModule, ShardImageDataset, shard_infos
 from provq_lightning.image import shards as sh
 from provq_lightning.image.make_shards import main as make_shards
-from tests.image.conftest import jpeg_bytes
+from tests.image.helpers import jpeg_bytes
 
 
 def plan_all(infos, world, workers, batch, epoch=0, drop_last=True):
@@ -156,7 +156,7 @@ def test_training_runs_through_a_corrupt_shard_and_logs_the_counts(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     from provq_lightning.image.tokenizer import ImageTokenizer
-    from tests.image.conftest import TINY
+    from tests.image.helpers import TINY
 
     L.seed_everything(0)
     dm = ImageNetDataModule(str(write_bad_shard(tmp_path)), image_size=16, batch_size=4,

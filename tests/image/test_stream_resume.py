@@ -27,7 +27,7 @@ from provq_lightning.image import shards as sh
 from provq_lightning.image.transforms import random_crop
 from provq_lightning.stream_position import StreamPosition
 from tests.distributed.stream_resume import check_kill_and_resume
-from tests.image.conftest import TINY, jpeg_bytes
+from tests.image.helpers import TINY, jpeg_bytes
 
 SIZES = (13, 2, 9, 11)  # 35 samples; one corrupt JPEG in shard 0, shard 2 cut in half
 CORRUPT = "n00000001_corrupt"

@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from provq_lightning.tokenize_cli import decode_main, load_run, read_codes, tokenize_main
+from provq_lightning.tools.tokenize_cli import decode_main, load_run, read_codes, tokenize_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def trained_run(flat_folder, tmp_path_factory) -> Path:
     """A 3-step provq-fit of a tiny model on the synthetic folder (the sample config's layout)."""
-    from provq_lightning.cli import main
+    from provq_lightning.tools.fit import main
 
     root, _ = flat_folder
     out = tmp_path_factory.mktemp("runs")
@@ -61,7 +61,7 @@ def test_tokenize_then_decode_reproduces_reconstructions(trained_run, tmp_path, 
     assert "decoded 3 items" in capsys.readouterr().out
     # The model's own reconstruction of the same centre crops, image by image.
     model, cfg = load_run(ckpt, None, None, "cpu")
-    from provq_lightning.tokenize_cli import dataloader
+    from provq_lightning.tools.tokenize_cli import dataloader
 
     loader, _ = dataloader(cfg, "predict")
     batch = next(iter(loader))

@@ -8,30 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from provq_lightning.protein.paths import shared_data_dir
-
-PROTEINS = shared_data_dir() / "proteins"
-EDGE = PROTEINS / "biotite_edge_cases"
-
-
-def need_shared_data() -> Path:
-    if not (PROTEINS / "cath_domains").is_dir():
-        pytest.skip(f"shared protein sample data not found at {PROTEINS} (set PROVQ_SHARED_DATA)")
-    return PROTEINS
+from tests.protein.helpers import EDGE, need_shared_data, pdb_atom_lines
 
 
 @pytest.fixture(scope="session")
 def proteins_dir() -> Path:
     return need_shared_data()
-
-
-def pdb_atom_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.startswith(("ATOM", "HETATM"))]
-
-
-def set_field(line: str, start: int, end: int, value: str) -> str:
-    """Replace PDB columns [start, end) (0-based) with ``value`` right-aligned."""
-    return line[:start] + value.rjust(end - start)[: end - start] + line[end:]
 
 
 @pytest.fixture(scope="session")

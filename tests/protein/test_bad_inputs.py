@@ -12,8 +12,8 @@ import yaml
 
 from provq_lightning.protein.prep import main as prep_main
 from provq_lightning.protein.tokenizer import MISSING_TOKEN, ProteinTokenizer
-from provq_lightning.tokenize_cli import CodeWriter, decode_main
-from tests.protein.test_tokenizer import TINY
+from provq_lightning.tools.tokenize_cli import CodeWriter, decode_main
+from tests.protein.helpers import TINY
 
 
 def decode_error(argv: list[str], capsys) -> str:

@@ -25,7 +25,7 @@ from provq_lightning.protein.cache import (
 )
 from provq_lightning.protein.parsing import parse_structure
 from provq_lightning.protein.prep import main as prep_main
-from tests.protein.conftest import EDGE
+from tests.protein.helpers import EDGE
 
 
 @pytest.fixture(scope="session")

@@ -4,29 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from provq_lightning.datamodules.proteins import collate_structures
 from provq_lightning.protein.encoder import knn_neighbours
 from provq_lightning.protein.geometry import random_rotation
-from provq_lightning.protein.parsing import parse_structure
 from provq_lightning.protein.tokenizer import ProteinTokenizer
-from tests.protein.conftest import EDGE
-
-
-def chain_batch(names=("1aki.pdb", "1k6p.pdb")) -> dict:
-    items = []
-    for name in names:
-        for chain in parse_structure(EDGE / name).chains:
-            coords = torch.from_numpy(chain.coords)
-            items.append(
-                {
-                    "id": chain.id,
-                    "coords": coords,
-                    "residue_index": torch.from_numpy(chain.residue_index),
-                    "aatype": torch.from_numpy(chain.aatype).long(),
-                    "residue_mask": torch.isfinite(coords[:, :3]).all(-1).all(-1),
-                }
-            )
-    return collate_structures(items)
+from tests.protein.helpers import chain_batch
 
 
 def moved(batch: dict, seed: int) -> dict:
@@ -51,12 +32,12 @@ def test_rotating_and_translating_a_structure_leaves_its_tokens_unchanged(protei
     with torch.no_grad():
         z = model.encode(batch)[batch["residue_mask"]]
         model.quantizer.set_codebook(z[torch.randperm(z.shape[0])[:256]] + 1e-3)
-    tokens = model.tokens(batch)
+    tokens = model.encode_codes(batch)
     assert tokens[batch["residue_mask"]].unique().numel() > 100
     for seed in (1, 2, 3):
         other = moved(batch, seed)
         assert not torch.allclose(other["coords"], batch["coords"], atol=1.0)
-        assert torch.equal(model.tokens(other), tokens)
+        assert torch.equal(model.encode_codes(other), tokens)
         z_other = model.encode(other)
         assert torch.allclose(z_other, model.encode(batch), atol=5e-5)
 

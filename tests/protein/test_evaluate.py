@@ -13,9 +13,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from provq_lightning.protein.paths import REPO_ROOT
-from tests.eval_helpers import provq_fit, run_files
-from tests.protein.conftest import EDGE, PROTEINS
-from tests.protein.test_tokenizer import TINY
+from tests.helpers import provq_fit, run_files
+from tests.protein.helpers import EDGE, PROTEINS, TINY
 
 TRAIN_FILES = ("1aki.pdb", "1k6p.pdb", "3o5r.cif")
 NEW_FILES = ("1a04A02.pdb", "1fseB00.pdb")  # CATH domains the model never saw

@@ -30,7 +30,7 @@ from provq_lightning.protein.losses import (
 )
 from provq_lightning.protein.metrics import CALDDT, BackboneRMSD, backbone_rmsd, lddt_ca
 from provq_lightning.protein.parsing import parse_structure
-from tests.protein.conftest import EDGE
+from tests.protein.helpers import EDGE
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import yaml
 from provq_lightning.errors import ProvqError
 from provq_lightning.protein.cache import discover, load_manifest, prepare_cache
 from provq_lightning.protein.parsing import parse_structure, sniff_file
-from tests.protein.conftest import EDGE
-from tests.protein.test_tokenizer import TINY
+from tests.protein.helpers import EDGE, TINY
 
 
 @pytest.fixture
@@ -83,7 +82,7 @@ def test_many_ignored_files_warn_once_and_list_each_at_debug(dompdb, tmp_path, c
 
 
 def test_provq_fit_prints_the_counts_line(tmp_path, proteins_dir, capsys):
-    from provq_lightning.cli import main
+    from provq_lightning.tools.fit import main
 
     src = tmp_path / "src"
     src.mkdir()

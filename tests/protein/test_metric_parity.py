@@ -19,7 +19,7 @@ from provq_lightning.protein.metrics import (
     lddt_ca,
     tm_score_ca,
 )
-from tests.protein.conftest import need_shared_data
+from tests.protein.helpers import need_shared_data
 
 struc = pytest.importorskip("biotite.structure")
 pdb = pytest.importorskip("biotite.structure.io.pdb")

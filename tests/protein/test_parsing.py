@@ -15,7 +15,7 @@ from provq_lightning.protein.parsing import (
     residue_positions,
     strip_suffixes,
 )
-from tests.protein.conftest import EDGE, pdb_atom_lines, set_field
+from tests.protein.helpers import EDGE, pdb_atom_lines, set_field
 
 
 def only_chain(path, **kw):

@@ -15,15 +15,14 @@ import yaml
 from provq_lightning.protein.parsing import parse_structure
 from provq_lightning.protein.paths import REPO_ROOT
 from provq_lightning.protein.tokenizer import MISSING_TOKEN
-from provq_lightning.tokenize_cli import (
+from provq_lightning.tools.tokenize_cli import (
     dataloader,
     decode_main,
     load_run,
     read_codes,
     tokenize_main,
 )
-from tests.protein.conftest import EDGE
-from tests.protein.test_tokenizer import TINY
+from tests.protein.helpers import EDGE, TINY
 
 FILES = ("1aki.pdb", "1k6p.pdb", "3o5r.cif")  # 4 chains
 
@@ -31,7 +30,7 @@ FILES = ("1aki.pdb", "1k6p.pdb", "3o5r.cif")  # 4 chains
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, proteins_dir) -> Path:
     """A 4-step provq-fit of a tiny model with the proteins_sample config's layout."""
-    from provq_lightning.cli import main
+    from provq_lightning.tools.fit import main
 
     out = tmp_path_factory.mktemp("protein_runs")
     src = out / "src"
@@ -92,5 +91,5 @@ def test_tokenize_fasta_then_decode_to_backbone_pdb(trained_run, tmp_path, capsy
     for key in ("1aki_A", "3o5r_A"):
         chain = parse_structure(out / f"{key}.pdb").chains[0]  # read back with biotite
         assert len(chain) == len(codes[key]) and chain.backbone_mask.all()
-        expected = model.decode_tokens(codes[key]).numpy()
+        expected = model.decode_codes(codes[key]).numpy()
         assert abs(chain.coords - expected).max() < 1e-3  # PDB keeps 3 decimals

@@ -17,19 +17,7 @@ from provq_lightning.protein.parsing import parse_structure
 from provq_lightning.protein.paths import REPO_ROOT
 from provq_lightning.protein.tokenizer import MISSING_TOKEN, ProteinTokenizer
 from provq_lightning.schedules import Phase
-from tests.protein.test_encoder import chain_batch
-
-TINY = dict(
-    num_codes=16,
-    code_dim=8,
-    encoder_dim=32,
-    encoder_heads=4,
-    encoder_layers=1,
-    decoder_dim=32,
-    decoder_heads=2,
-    decoder_layers=1,
-    pair_dim=16,
-)
+from tests.protein.helpers import TINY, chain_batch
 
 
 class Snapshot(pl.Callback):
@@ -110,7 +98,7 @@ def test_tokenize_and_decode_to_pdb(tmp_path, proteins_dir):
     assert torch.allclose((ca - n_xyz).norm(dim=-1), torch.tensor(N_CA), atol=2e-3)
     assert torch.allclose((c - ca).norm(dim=-1), torch.tensor(CA_C), atol=2e-3)
     with pytest.raises(ValueError, match="token ids must lie in"):
-        model.decode_tokens(torch.tensor([0, 16]))
+        model.decode_codes(torch.tensor([0, 16]))
 
 
 @pytest.mark.parametrize(
@@ -125,7 +113,7 @@ def test_tokenize_and_decode_to_pdb(tmp_path, proteins_dir):
     ],
 )
 def test_configs_resolve(name, capsys):
-    from provq_lightning.cli import main
+    from provq_lightning.tools.fit import main
 
     argv = sys.argv
     try:

@@ -83,7 +83,7 @@ def _child(argv: list[str], tmpdir: str, log: str) -> None:
     tempfile.tempdir = None  # the fork server may have cached its own answer
     os.chdir(REPO)
     torch.set_num_threads(1)
-    from provq_lightning.cli import main
+    from provq_lightning.tools.fit import main
 
     main(argv)
 

@@ -21,8 +21,8 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from provq_lightning import checkpoint_io as cio
 from provq_lightning.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
-from provq_lightning.cli import provq_plugins
 from provq_lightning.errors import ProvqError
+from provq_lightning.tools.fit import provq_plugins
 
 OLD = {"global_step": 1, "state_dict": {"w": torch.zeros(4)}}
 NEW = {"global_step": 2, "state_dict": {"w": torch.ones(1000)}}

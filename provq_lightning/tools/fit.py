@@ -30,11 +30,6 @@ from provq_lightning.callbacks.preemption import PreemptionCheckpoint
 from provq_lightning.callbacks.resume import ResumeCallback
 from provq_lightning.checkpoint_check import check_checkpoint_file
 from provq_lightning.checkpoint_io import AtomicCheckpointIO
-from provq_lightning.curriculum_args import (
-    ProvqArgumentParser,
-    add_curriculum_arguments,
-    apply_curriculum_overrides,
-)
 from provq_lightning.errors import ProvqError
 from provq_lightning.eval_dir import (
     EVAL_SUBDIR,
@@ -51,7 +46,12 @@ from provq_lightning.run_dir import (
     version_from_dir_name,
     write_config_history,
 )
-from provq_lightning.shipped_configs import resolve_config_args
+from provq_lightning.tools.curriculum_args import (
+    ProvqArgumentParser,
+    add_curriculum_arguments,
+    apply_curriculum_overrides,
+)
+from provq_lightning.tools.shipped_configs import resolve_config_args
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+# Written by each sweep task next to its run: the exit code the report reads.
+STATUS_FILE = "exit_status.json"
 TOP_KEYS = ("name", "config", "grid", "tasks", "overrides", "env", "slurm", "report")
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")

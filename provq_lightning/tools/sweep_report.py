@@ -17,8 +17,7 @@ from typing import Any
 
 import yaml
 
-from provq_lightning.sweep import STATUS_FILE
-from provq_lightning.sweep_spec import Sweep
+from provq_lightning.tools.sweep_spec import STATUS_FILE, Sweep
 
 DONE, FAILED, INCOMPLETE, MISSING = "done", "failed", "incomplete", "missing"
 MAX_PLOTS = 6

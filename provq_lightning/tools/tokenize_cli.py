@@ -2,11 +2,13 @@
 
 Generic over modalities: the model and datamodule come from a run's ``config.yaml`` (the one
 ``provq-fit`` writes; found next to the checkpoint's ``checkpoints/`` folder by default), the
-weights from a checkpoint, and the work from two hooks every tokenizer implements:
+weights from a checkpoint, and the work from two members of the tokenizer contract
+(``provq_lightning.tokenizer.CONTRACT``, checked when the run is loaded):
 ``tokenize_batch(batch) -> [(key, int codes)]`` and
 ``decode_tokens_to_file(key, codes, out_dir) -> path``.
 
-Output formats (``--format``), each with ``meta.json`` (format, number of codes, code shape):
+Output formats (``--format``; written by ``provq_lightning.token_writer``), each with
+``meta.json`` (format, number of codes, code shape):
 
 - ``npy``: ``codes/<key>.npy`` per item plus ``index.jsonl`` (key, file, shape per line);
 - ``wds``: webdataset shards ``codes-000000.tar`` of ``<key>.npy`` members plus ``index.json``;
@@ -24,157 +26,22 @@ nothing is one ``<prog>: error:`` line naming the file and record, and exit stat
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import re
 import sys
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 from rich.progress import Progress
 
-from provq_lightning.checkpoint_check import check_checkpoint_file, load_checkpoint
 from provq_lightning.errors import ProvqError
+from provq_lightning.run_loading import dataloader, load_run
 from provq_lightning.token_reader import FORMATS, RETOKENIZE, read_codes, read_meta
+from provq_lightning.token_writer import CodeWriter, code_dtype
 
 SPLITS = ("predict", "val", "test", "train")
 LLAMAGEN = "llamagen"  # written by provq-tokenize only: LlamaGen's layout, not read back
-
-
-# -- building the model and data from a run --------------------------------------------------
-def find_config(ckpt: Path) -> Path:
-    """``<log_dir>/config.yaml`` for ``<log_dir>/checkpoints/<name>.ckpt``."""
-    for folder in (ckpt.parent, ckpt.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    raise FileNotFoundError(
-        f"no config.yaml next to {ckpt} or its parent folder; pass --config (the config.yaml "
-        "that provq-fit wrote for this run)"
-    )
-
-
-def instantiate(config: dict[str, Any], key: str, base: type) -> Any:
-    """A ``class_path``/``init_args`` section built through jsonargparse, like provq-fit does."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(base, key)
-    parsed = parser.parse_object({key: config[key]})
-    return parser.instantiate_classes(parsed)[key]
-
-
-def load_run(
-    ckpt: Path, config: Path | None, data_config: Path | None, device: str
-) -> tuple[LightningModule, dict[str, Any]]:
-    """The model with the checkpoint's weights (eval mode) and the run's config."""
-    # A missing checkpoint is named before its missing config.yaml; a broken one after it.
-    config_path = config or (find_config(ckpt) if ckpt.is_file() else None)
-    check_checkpoint_file(ckpt)
-    config_path = config_path or find_config(ckpt)
-    cfg = yaml.safe_load(config_path.read_text())
-    if data_config is not None:
-        cfg["data"] = yaml.safe_load(data_config.read_text())["data"]
-    model = instantiate(cfg, "model", LightningModule)
-    for hook in ("tokenize_batch", "decode_tokens_to_file"):
-        if not callable(getattr(model, hook, None)):
-            raise TypeError(f"{type(model).__name__} does not implement {hook}()")
-    state = load_checkpoint(ckpt)["state_dict"]  # outside the try: its errors name the file
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        # torch lists every mismatching weight over many lines; the first one is enough here.
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0] if lines else "RuntimeError"
-        raise ProvqError(
-            f"checkpoint {ckpt} does not fit the model of {config_path} ({detail[:160]}); pass "
-            "--config with the config.yaml of the run that wrote this checkpoint"
-        ) from None
-    return model.to(device).eval(), cfg
-
-
-def dataloader(cfg: dict[str, Any], split: str) -> Any:
-    data = instantiate(cfg, "data", LightningDataModule)
-    data.setup({"train": "fit", "val": "validate"}.get(split, split))
-    loader = getattr(data, f"{split}_dataloader")()
-    return loader, data
-
-
-# -- writers ------------------------------------------------------------------------------
-def safe_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", key)
-
-
-def code_dtype(num_codes: int) -> np.dtype:
-    """The smallest signed dtype holding ids and the -1 "no code" marker."""
-    return np.dtype(np.int16) if num_codes <= 32767 else np.dtype(np.int32)
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-class CodeWriter:
-    """Writes (key, codes) pairs in one of ``FORMATS`` under ``out``."""
-
-    def __init__(self, out: Path, fmt: str, dtype: np.dtype, shard_size: int = 10000) -> None:
-        self.out, self.fmt, self.dtype, self.shard_size = out, fmt, dtype, shard_size
-        out.mkdir(parents=True, exist_ok=True)
-        self.count = 0
-        self.shapes: set[tuple[int, ...]] = set()
-        self.shards: list[dict[str, Any]] = []
-        self._tar: tarfile.TarFile | None = None
-        if fmt == "npy":
-            (out / "codes").mkdir(exist_ok=True)
-            self._index = (out / "index.jsonl").open("w")
-        elif fmt == "fasta":
-            self._fasta = (out / "codes.fasta").open("w")
-
-    def add(self, key: str, codes: torch.Tensor) -> None:
-        array = codes.cpu().numpy().astype(self.dtype)
-        self.shapes.add(tuple(array.shape))
-        if self.fmt == "npy":
-            name = f"codes/{safe_name(key)}.npy"
-            np.save(self.out / name, array, allow_pickle=False)
-            self._index.write(json.dumps({"key": key, "file": name, "shape": array.shape}) + "\n")
-        elif self.fmt == "fasta":
-            self._fasta.write(f">{key}\n{' '.join(map(str, array.reshape(-1).tolist()))}\n")
-        else:
-            if self._tar is None or self.shards[-1]["count"] >= self.shard_size:
-                self._next_shard()
-            data = npy_bytes(array)
-            info = tarfile.TarInfo(f"{safe_name(key).replace('.', '_')}.npy")
-            info.size = len(data)
-            self._tar.addfile(info, io.BytesIO(data))
-            self.shards[-1]["count"] += 1
-        self.count += 1
-
-    def _next_shard(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-        name = f"codes-{len(self.shards):06d}.tar"
-        self._tar = tarfile.open(self.out / name, "w")
-        self.shards.append({"url": name, "count": 0})
-
-    def close(self, meta: dict[str, Any]) -> None:
-        if self.fmt == "npy":
-            self._index.close()
-        elif self.fmt == "fasta":
-            self._fasta.close()
-        elif self._tar is not None:
-            self._tar.close()
-            index = {"shards": self.shards, "total": self.count}
-            (self.out / "index.json").write_text(json.dumps(index) + "\n")
-        shape = list(next(iter(self.shapes))) if len(self.shapes) == 1 else None
-        meta = {**meta, "format": self.fmt, "count": self.count, "code_shape": shape}
-        (self.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 # -- entry points ---------------------------------------------------------------------------

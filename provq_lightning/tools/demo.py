@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parent.parent
+# provq_lightning/tools/demo.py -> the checkout (runs/ is written there; the configs ship in the
+# package as provq_lightning/experiments, a link to the checkout's experiments/).
+REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("vanilla", "soft", "deferred", "provq")
 COLUMNS = ("val/mse_disk", "val/mse_triangle", "val/mse", "val/utilization", "val/perplexity")
 
@@ -34,7 +36,7 @@ def fit_command(variant: str, seed: int, out: Path, max_steps: int | None) -> li
     cmd = [
         sys.executable,
         "-m",
-        "provq_lightning.cli",
+        "provq_lightning.tools.fit",
         "fit",
         "--config",
         str(REPO / "experiments" / f"topodisc_{variant}.yaml"),

@@ -19,9 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from provq_lightning.sweep_spec import Sweep, SweepError, load_sweep, parse_assignment
-
-STATUS_FILE = "exit_status.json"
+from provq_lightning.tools.sweep_spec import (
+    STATUS_FILE,
+    Sweep,
+    SweepError,
+    load_sweep,
+    parse_assignment,
+)
 
 
 def default_out(sweep: Sweep) -> Path:
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  report: make sweep-report SWEEP={args.sweep}{where}"
             )
         else:
-            from provq_lightning.sweep_report import write_report  # matplotlib only here
+            from provq_lightning.tools.sweep_report import write_report  # matplotlib only here
 
             print(write_report(sweep, out))
     except SweepError as exc:

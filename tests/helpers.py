@@ -1,0 +1,46 @@
+"""What test files in several packages share: ``provq-fit`` in this process, and a run
+directory's hashes. Package-specific helpers live in ``tests/<package>/helpers.py``; fixtures in
+``conftest.py``. No test file imports another test file or a conftest."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+
+def provq_fit(*args: str) -> None:
+    """``provq-fit ARGS`` in this process (``sys.argv`` restored afterwards)."""
+    from provq_lightning.tools.fit import main
+
+    argv = sys.argv
+    try:
+        main(list(args))
+    finally:
+        sys.argv = argv
+
+
+def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """``provq-fit ARGS`` in this process as (exit code, stdout, stderr); argument errors exit
+    before any training starts."""
+    from provq_lightning.tools.fit import main
+
+    argv = sys.argv
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def run_files(run: Path) -> dict[str, str]:
+    """sha256 of every file of the run directory except the evaluations' ``eval/``."""
+    return {
+        str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.relative_to(run).parts[0] != "eval"
+    }
