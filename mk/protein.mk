@@ -26,3 +26,21 @@ protein-test: $(STAMP)
 
 protein-bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_protein.py
+
+# Token probe (issue 13): a linear probe from tokens to P-SEA secondary structure and the
+# token/secondary-structure mutual information, ProVQ vs vanilla over the protein-sample seeds
+# (needs their runs; also written to $(PROTEIN_RUNS)/protein_probe.md).
+PROTEIN_SEEDS ?= 0 1
+protein_empty :=
+protein_space := $(protein_empty) $(protein_empty)
+protein_comma := ,
+# $(call protein_seed_dirs,NAME): the seeds' run directories of NAME, comma-separated.
+protein_seed_dirs = $(subst $(protein_space),$(protein_comma),$(strip \
+	$(foreach s,$(PROTEIN_SEEDS),$(PROTEIN_RUNS)/$(1)/seed_$(s))))
+
+.PHONY: protein-probe
+protein-probe: $(STAMP)
+	$(BIN)/python -m provq_lightning.protein.probe \
+		ProVQ=$(call protein_seed_dirs,proteins_sample_provq) \
+		vanilla=$(call protein_seed_dirs,proteins_sample_vanilla) \
+		--markdown $(PROTEIN_RUNS)/protein_probe.md
