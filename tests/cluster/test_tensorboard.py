@@ -186,7 +186,9 @@ def image_events(tmp_path_factory):
     config["trainer"]["callbacks"][0]["init_args"].update(
         warmup_steps=1, transition_steps=1, kmeans_samples=64, kmeans_collect_batches=1
     )
-    config["model"]["init_args"].update(ch=16, z_channels=16, num_codes=32, num_log_images=2)
+    config["model"]["init_args"].update(
+        ch=16, ch_mult=[1, 2, 2, 4], z_channels=16, num_codes=32, num_log_images=2
+    )
     config["data"]["init_args"].update(
         root=str(tmp / "photos"), image_size=32, batch_size=4, num_workers=0, val_fraction=0.2
     )

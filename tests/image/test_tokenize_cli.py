@@ -30,7 +30,7 @@ def trained_run(flat_folder, tmp_path_factory) -> Path:
     cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out), version="t")
     cfg["trainer"]["callbacks"][0]["init_args"].update(
         warmup_steps=1, transition_steps=1, kmeans_samples=64, kmeans_collect_batches=1)
-    cfg["model"]["init_args"].update(ch=16, z_channels=16, num_codes=32)
+    cfg["model"]["init_args"].update(ch=16, ch_mult=[1, 2, 2, 4], z_channels=16, num_codes=32)
     cfg["data"]["init_args"].update(root=str(root), image_size=32, batch_size=8, num_workers=0,
                                     val_fraction=0.2)
     config = out / "tiny.yaml"
@@ -103,3 +103,20 @@ def test_report_table_and_reconstruction_grid(trained_run, tmp_path, capsys):
     assert lines[2].startswith("| ProVQ | 3 |") and "wall time" in lines[0]
     # A label margin plus 3 images of 32px, 2 px apart; original row + one row per run.
     assert Image.open(grid).size == (report.LABEL_WIDTH + 3 * 34, 3 * 34)
+
+
+def test_report_over_seeds_gives_mean_and_spread_and_a_learning_curve(trained_run, tmp_path,
+                                                                       capsys):
+    from provq_lightning.image import report
+
+    curve, md = tmp_path / "curve.png", tmp_path / "table.md"
+    report.main([f"ProVQ={trained_run},{trained_run}", "--curve", str(curve),
+                 "--markdown", str(md)])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| ProVQ (2 seeds) |"))
+    psnr = report.read_run(trained_run)["val/psnr"]
+    assert f"{psnr:.2f} ± 0.00" in row  # the same run twice: no spread
+    assert md.read_text().strip() in out
+    assert Image.open(curve).size[0] > 600  # two panels
+    steps, values = report.scalar_series(trained_run, "val/psnr")
+    assert steps and values[-1] == pytest.approx(psnr, abs=1e-4)
