@@ -6,14 +6,17 @@ Imported by test files; the fixtures built on these live in ``conftest.py``.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from provq_lightning.datamodules.proteins import collate_structures
 from provq_lightning.protein.parsing import parse_structure
-from provq_lightning.protein.paths import shared_data_dir
+from provq_lightning.protein.paths import REPO_ROOT, shared_data_dir
+from tests.helpers import provq_fit
 
 PROTEINS = shared_data_dir() / "proteins"
 EDGE = PROTEINS / "biotite_edge_cases"
@@ -62,3 +65,25 @@ def chain_batch(names=("1aki.pdb", "1k6p.pdb")) -> dict:
                 }
             )
     return collate_structures(items)
+
+
+def fit_tiny_run(out: Path, files: tuple[str, ...]) -> Path:
+    """A 4-step provq-fit of a ``TINY`` model with the proteins_sample config's layout on copies
+    of ``files`` (from ``EDGE``), crops of 64 residues; returns the run directory."""
+    src = out / "src"
+    src.mkdir()
+    for name in files:
+        shutil.copy(EDGE / name, src / name)
+    cfg = yaml.safe_load((REPO_ROOT / "experiments" / "proteins_sample.yaml").read_text())
+    cfg["trainer"].update(max_steps=4, val_check_interval=4, enable_progress_bar=False,
+                          enable_model_summary=False)
+    cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out), version="t")
+    cfg["trainer"]["callbacks"][0]["init_args"].update(
+        warmup_steps=1, transition_steps=1, kmeans_collect_batches=1)
+    cfg["model"]["init_args"].update(TINY)
+    cfg["data"]["init_args"].update(sources=str(src), cache_dir=str(out / "cache"),
+                                    crop_length=64, val_fraction=0.3, batch_size=2)
+    config = out / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    provq_fit("--config", str(config))
+    return out / "proteins_sample_provq" / "t"

@@ -4,7 +4,6 @@ they claim on hand-made data, and the CLI turns a trained run into the markdown 
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import biotite.structure as struc
@@ -12,10 +11,8 @@ import biotite.structure.io as strucio
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from provq_lightning.protein.parsing import parse_structure
-from provq_lightning.protein.paths import REPO_ROOT
 from provq_lightning.protein.probe import (
     NO_LABEL,
     accuracy,
@@ -27,8 +24,7 @@ from provq_lightning.protein.probe import (
     mutual_information_bits,
     sse_labels,
 )
-from tests.helpers import provq_fit
-from tests.protein.helpers import EDGE, TINY
+from tests.protein.helpers import EDGE, TINY, fit_tiny_run
 
 HELIX, STRAND, COIL = 0, 1, 2
 FILES = ("1aki.pdb", "1k6p.pdb", "3o5r.cif")  # 4 chains; the split holds one entry out
@@ -133,24 +129,7 @@ def test_linear_probe_reads_a_linearly_coded_label_and_is_deterministic():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, proteins_dir) -> Path:
     """A 4-step provq-fit of a tiny model with the proteins_sample config, crop 64 residues."""
-    out = tmp_path_factory.mktemp("protein_probe")
-    src = out / "src"
-    src.mkdir()
-    for name in FILES:
-        shutil.copy(EDGE / name, src / name)
-    cfg = yaml.safe_load((REPO_ROOT / "experiments" / "proteins_sample.yaml").read_text())
-    cfg["trainer"].update(max_steps=4, val_check_interval=4, enable_progress_bar=False,
-                          enable_model_summary=False)
-    cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out), version="t")
-    cfg["trainer"]["callbacks"][0]["init_args"].update(
-        warmup_steps=1, transition_steps=1, kmeans_collect_batches=1)
-    cfg["model"]["init_args"].update(TINY)
-    cfg["data"]["init_args"].update(sources=str(src), cache_dir=str(out / "cache"),
-                                    crop_length=64, val_fraction=0.3, batch_size=2)
-    config = out / "tiny.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    provq_fit("--config", str(config))
-    return out / "proteins_sample_provq" / "t"
+    return fit_tiny_run(tmp_path_factory.mktemp("protein_probe"), FILES)
 
 
 def labelled_residues() -> int:

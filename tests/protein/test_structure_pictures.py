@@ -15,18 +15,7 @@ from provq_lightning.plots import close_figure
 from provq_lightning.protein.geometry import random_rotation
 from provq_lightning.protein.plots import PANEL_TITLES, chain_figure, structure_figure
 from provq_lightning.protein.tokenizer import ProteinTokenizer
-
-TINY = dict(
-    num_codes=16,
-    code_dim=8,
-    encoder_dim=32,
-    encoder_heads=4,
-    encoder_layers=1,
-    decoder_dim=32,
-    decoder_heads=2,
-    decoder_layers=1,
-    pair_dim=16,
-)
+from tests.protein.helpers import TINY
 
 
 def random_backbone(length: int, seed: int) -> torch.Tensor:

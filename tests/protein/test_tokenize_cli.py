@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from provq_lightning.protein.parsing import parse_structure
-from provq_lightning.protein.paths import REPO_ROOT
 from provq_lightning.protein.tokenizer import MISSING_TOKEN
 from provq_lightning.tools.tokenize_cli import (
     dataloader,
@@ -22,7 +19,7 @@ from provq_lightning.tools.tokenize_cli import (
     read_codes,
     tokenize_main,
 )
-from tests.protein.helpers import EDGE, TINY
+from tests.protein.helpers import TINY, fit_tiny_run
 
 FILES = ("1aki.pdb", "1k6p.pdb", "3o5r.cif")  # 4 chains
 
@@ -30,30 +27,8 @@ FILES = ("1aki.pdb", "1k6p.pdb", "3o5r.cif")  # 4 chains
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, proteins_dir) -> Path:
     """A 4-step provq-fit of a tiny model with the proteins_sample config's layout."""
-    from provq_lightning.tools.fit import main
-
     out = tmp_path_factory.mktemp("protein_runs")
-    src = out / "src"
-    src.mkdir()
-    for name in FILES:
-        shutil.copy(EDGE / name, src / name)
-    cfg = yaml.safe_load((REPO_ROOT / "experiments" / "proteins_sample.yaml").read_text())
-    cfg["trainer"].update(max_steps=4, val_check_interval=4, enable_progress_bar=False,
-                          enable_model_summary=False)
-    cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out), version="t")
-    cfg["trainer"]["callbacks"][0]["init_args"].update(
-        warmup_steps=1, transition_steps=1, kmeans_collect_batches=1)
-    cfg["model"]["init_args"].update(TINY)
-    cfg["data"]["init_args"].update(sources=str(src), cache_dir=str(out / "cache"),
-                                    crop_length=64, val_fraction=0.3, batch_size=2)
-    config = out / "tiny.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    argv = sys.argv
-    try:
-        main(["--config", str(config)])
-    finally:
-        sys.argv = argv
-    run = out / "proteins_sample_provq" / "t"
+    run = fit_tiny_run(out, FILES)
     assert (run / "checkpoints" / "last.ckpt").is_file()
     timing = json.loads((run / "timing.json").read_text())
     assert timing["global_step"] == 4 and timing["cpu_s"] > 0 and timing["wall_s"] > 0
