@@ -24,15 +24,27 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def backbone_distance_loss(
-    pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor, clamp: float = 25.0
+    pred: torch.Tensor,
+    true: torch.Tensor,
+    mask: torch.Tensor,
+    clamp: float = 25.0,
+    cutoff: float | None = None,
 ) -> torch.Tensor:
-    """Clamped MSE of all pairwise N/CA/C distances; ``pred``/``true`` (B, L, 3, 3)."""
+    """Clamped MSE of pairwise N/CA/C distances; ``pred``/``true`` (B, L, 3, 3).
+
+    ``cutoff`` (A): only atom pairs closer than this in the true structure count, the pairs
+    lDDT scores (15 A); None: every pair, as ESM3's loss.
+    """
     b = pred.shape[0]
     p = pred.reshape(b, -1, 3)
     t = true.reshape(b, -1, 3)
     m = mask.unsqueeze(-1).expand(-1, -1, 3).reshape(b, -1)
-    err = (pairwise_distances(p) - pairwise_distances(t)).pow(2).clamp(max=clamp)
-    return _masked_mean(err, m.unsqueeze(-1) & m.unsqueeze(-2))
+    d_true = pairwise_distances(t)
+    err = (pairwise_distances(p) - d_true).pow(2).clamp(max=clamp)
+    pairs = m.unsqueeze(-1) & m.unsqueeze(-2)
+    if cutoff is not None:
+        pairs = pairs & (d_true < cutoff)
+    return _masked_mean(err, pairs)
 
 
 def direction_vectors(

@@ -54,6 +54,8 @@ class ProteinTokenizer(VQTokenizer):
         beta: commitment weight; ``l2_normalize``, ``codebook_init`` as in ``VectorQuantizer``.
         distance_weight, direction_weight, distogram_weight: reconstruction loss weights.
         distance_clamp, direction_clamp: per-pair squared-error clamps (25, 20).
+        distance_cutoff: only atom pairs closer than this (A) in the input count in the
+            distance loss (15: the pairs lDDT scores); None: every pair (ESM3).
         lr, weight_decay, lr_warmup_steps: AdamW with a linear learning-rate warmup.
         num_log_structures: at every validation, a picture of each of the first this many
             validation chains (the same chains every time; 0: none), see ``protein.plots``.
@@ -80,6 +82,7 @@ class ProteinTokenizer(VQTokenizer):
         direction_weight: float = 1.0,
         distogram_weight: float = 1.0,
         distance_clamp: float = 25.0,
+        distance_cutoff: float | None = None,
         direction_clamp: float = 20.0,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -135,7 +138,9 @@ class ProteinTokenizer(VQTokenizer):
         # direction loss's matmul into ~0.5 A^2 noise).
         with torch.autocast(true.device.type, enabled=False):
             losses = {
-                "distance": backbone_distance_loss(pred, true, mask, hp.distance_clamp),
+                "distance": backbone_distance_loss(
+                    pred, true, mask, hp.distance_clamp, hp.get("distance_cutoff")
+                ),
                 "direction": backbone_direction_loss(
                     pred, true, mask, batch["residue_index"], hp.direction_clamp
                 ),

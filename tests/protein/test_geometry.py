@@ -114,6 +114,19 @@ def test_losses_are_invariant_zero_at_truth_and_clamped(backbone):
     assert distogram_loss(logits, b, mask).item() < 1e-6
 
 
+def test_distance_cutoff_scores_only_the_pairs_close_in_the_input(backbone):
+    true = backbone.float().clone()
+    true[:, -1] += 100.0  # in the input, the last residue lies ~100 A from every other
+    pred = true.clone()
+    pred[:, -1] += 10.0  # the prediction gets only its (distant) pairs wrong
+    mask = torch.ones(true.shape[:2], dtype=torch.bool)
+    assert backbone_distance_loss(pred, true, mask) > 0
+    assert backbone_distance_loss(pred, true, mask, cutoff=15.0).item() < 1e-6
+    assert backbone_distance_loss(pred, true, mask, cutoff=1e4) == backbone_distance_loss(
+        pred, true, mask
+    )
+
+
 def test_distogram_bins_use_plain_distances():
     d = torch.tensor([0.0, 2.3, 2.3125, 3.0, 21.0, 21.3775, 40.0])
     assert distogram_bins(d).tolist() == [0, 0, 1, 3, 61, 63, 63]
