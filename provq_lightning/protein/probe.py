@@ -15,7 +15,6 @@ probe can read. Chains are tokenized whole (no crop), as ``provq-tokenize`` does
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from provq_lightning.errors import ProvqError
+from provq_lightning.run_report import parse_runs, spread
 
 SSE_CLASSES = ("helix", "strand", "coil")
 NO_LABEL = -1  # no CA, or P-SEA gave no label
@@ -274,13 +274,6 @@ COLUMNS = (  # (ProbeResult attribute, header, format)
 )
 
 
-def spread(values: list[float], fmt: str) -> str:
-    """``mean ± sd`` (sample standard deviation) over runs, or the one value."""
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
-
-
 def _residues(results: list[ProbeResult]) -> str:
     counts = sorted({(r.train_residues, r.val_residues) for r in results})
     return ", ".join(f"{t} / {v}" for t, v in counts)
@@ -310,19 +303,6 @@ def tables(results: dict[str, list[tuple[Path, ProbeResult]]]) -> str:
     return "\n".join(lines)
 
 
-def parse_runs(specs: list[str]) -> dict[str, list[Path]]:
-    """``NAME=DIR[,DIR...]`` arguments as {name: [dirs]}."""
-    runs: dict[str, list[Path]] = {}
-    for spec in specs:
-        name, _, dirs = spec.partition("=")
-        paths = [Path(d) for d in dirs.split(",") if d]
-        if not name or not paths:
-            raise ProvqError(f"run argument {spec!r} is not NAME=RUN_DIR[,RUN_DIR...]; e.g. "
-                             "ProVQ=runs/proteins_sample_provq/seed_0")
-        runs.setdefault(name, []).extend(paths)
-    return runs
-
-
 def _probe(argv: list[str] | None) -> None:
     from rich.console import Console
     from rich.progress import Progress
@@ -331,7 +311,7 @@ def _probe(argv: list[str] | None) -> None:
     parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR[,RUN_DIR...] (several: seeds)")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     args = parser.parse_args(argv)
-    runs = parse_runs(args.runs)
+    runs = parse_runs(args.runs, made_by="make protein-sample")
     for dirs in runs.values():  # every path checked before minutes of tokenizing
         for run_dir in dirs:
             check_run_dir(run_dir)

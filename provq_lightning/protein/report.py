@@ -1,33 +1,52 @@
-"""Markdown table of the structure-tokenizer metrics written by provq-fit runs.
+"""Compare structure-tokenizer runs: a table of their final metrics and learning curves.
 
-Reads each run's ``metrics.json`` (final validation metrics) and, when the config has the
-``FitTimeCallback``, its ``timing.json`` (CPU and wall seconds of the fit).
+Each ``NAME=RUN_DIR[,RUN_DIR...]`` is one variant; several run directories (seeds) give the
+mean and the spread (sample standard deviation) of each metric; ``provq_lightning.run_report``
+makes the tables and curves. It reads each run's ``metrics.json`` (final validation metrics,
+written by provq-fit) and, when the config has the ``FitTimeCallback``, its ``timing.json`` (CPU
+and wall seconds of the fit). ``--curve`` plots validation CA lDDT and codebook utilization
+against the step for every run, with the curriculum's warmup and transition ends marked.
 
-    python -m provq_lightning.protein.report NAME=RUN_DIR [NAME=RUN_DIR ...]
+    python -m provq_lightning.protein.report ProVQ=runs/x/seed_0,runs/x/seed_1 \
+        vanilla=runs/y/seed_0,runs/y/seed_1 --markdown table.md --curve curve.png
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from provq_lightning.codebook_metrics import CODEBOOK_REPORT_COLUMNS
+from provq_lightning.run_report import (
+    learning_curves,
+    parse_runs,
+    per_run_table,
+    read_metrics,
+    run_cli,
+    seed_table,
+    write_text,
+)
+
+PROG = "python -m provq_lightning.protein.report"
 
 COLUMNS = (
     *CODEBOOK_REPORT_COLUMNS,
     ("val/rmsd", "backbone RMSD (A)", "{:.2f}"),
     ("val/lddt", "CA lDDT", "{:.3f}"),
+    ("val/tm_score", "TM-score", "{:.3f}"),
     ("cpu_min", "CPU time (min)", "{:.1f}"),
     ("wall_min", "wall time (min)", "{:.1f}"),
 )
+PER_RUN = (("val/lddt", "CA lDDT", "{:.3f}"), ("val/tm_score", "TM-score", "{:.3f}"),
+           ("val/utilization", "utilization", "{:.1%}"))
+PANELS = (("val/lddt", 1.0, "validation CA lDDT"),
+          ("val/utilization", 100.0, "codebook utilization (%)"))
 
 
-def read_metrics(run_dir: Path) -> dict[str, float]:
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: did the provq-fit run in {run_dir} finish?")
-    metrics = json.loads(path.read_text())
+def read_run(run_dir: Path) -> dict[str, float]:
+    """The run's final metrics, plus ``cpu_min`` and ``wall_min`` from its ``timing.json``."""
+    metrics = read_metrics(run_dir)
     timing = run_dir / "timing.json"
     if timing.is_file():
         t = json.loads(timing.read_text())
@@ -35,28 +54,27 @@ def read_metrics(run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def table(runs: dict[str, dict[str, float]]) -> str:
-    head = "| run | step | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
-    rule = "|" + "---|" * (len(COLUMNS) + 2)
-    rows = [head, rule]
-    for name, m in runs.items():
-        cells = [fmt.format(m[key]) if key in m else "n/a" for key, _, fmt in COLUMNS]
-        rows.append(f"| {name} | {int(m.get('global_step', 0))} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+def _report(argv: list[str] | None) -> None:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+",
+                        help="NAME=RUN_DIR[,RUN_DIR...] (provq-fit log directories, one per seed)")
+    parser.add_argument("--curve", type=Path, help="write the learning-curve PNG here")
+    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    args = parser.parse_args(argv)
+    run_dirs = parse_runs(args.runs)
+    metrics = {name: [read_run(d) for d in dirs] for name, dirs in run_dirs.items()}
+    text = seed_table(metrics, COLUMNS) + "\n\n" + per_run_table(metrics, run_dirs, PER_RUN)
+    print(text)
+    if args.markdown is not None:
+        write_text(text, args.markdown)
+    if args.curve is not None:
+        learning_curves(run_dirs, args.curve, PANELS)
+        print(f"wrote {args.curve}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or any("=" not in a for a in args):
-        print(__doc__, file=sys.stderr)
-        return 2
-    runs = {}
-    for arg in args:
-        name, run_dir = arg.split("=", 1)
-        runs[name] = read_metrics(Path(run_dir))
-    print(table(runs))
-    return 0
+def main(argv: list[str] | None = None) -> None:
+    run_cli(PROG, _report, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -172,10 +172,11 @@ def test_missing_checkpoint_is_one_line_naming_it_and_the_fix(tmp_path, capsys):
     run = tmp_path / "seed_0"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("{}\n")
-    for target, named in ((run, run / "checkpoints" / "last.ckpt"), (tmp_path / "nope", None)):
+    cases = ((run, run / "checkpoints" / "last.ckpt", 1), (tmp_path / "nope", None, 2))
+    for target, named, code in cases:  # 2: a run directory that does not exist, as argparse
         with pytest.raises(SystemExit) as exit_info:
             main([f"ProVQ={target}"])
-        assert exit_info.value.code == 1
+        assert exit_info.value.code == code
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "error:" in err and "make protein-sample" in err
         assert str(named or target) in err
