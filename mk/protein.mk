@@ -1,6 +1,12 @@
 # Protein structure tokenizer (issue 4). Included by the Makefile.
 PROTEIN_DATA ?= ../shared/data/proteins
 PROTEIN_RUNS ?= runs
+protein_empty :=
+protein_space := $(protein_empty) $(protein_empty)
+protein_comma := ,
+# $(call protein_seed_dirs,NAME): the seeds' run directories of NAME, comma-separated.
+protein_seed_dirs = $(subst $(protein_space),$(protein_comma),$(strip \
+	$(foreach s,$(PROTEIN_SEEDS),$(PROTEIN_RUNS)/$(1)/seed_$(s))))
 
 .PHONY: protein-prep protein-sample protein-test protein-bench
 
@@ -8,18 +14,32 @@ PROTEIN_RUNS ?= runs
 protein-prep: $(STAMP)
 	$(BIN)/provq-prep-structures $(PROTEIN_DATA) --cache-dir runs/cache/proteins_sample
 
-# proteins_sample ProVQ vs vanilla on the shared set (about 8 CPU minutes each), then the table
-# (also written to $(PROTEIN_RUNS)/proteins_sample_table.md).
+# proteins_sample ProVQ and vanilla VQ on the shared set over PROTEIN_SEEDS (each seed's two runs
+# side by side, one torch thread each), then the table (mean ± sd over the seeds, also in
+# $(PROTEIN_RUNS)/proteins_sample_table.md) and the learning curves
+# ($(PROTEIN_RUNS)/proteins_sample_curve.png). `make protein-probe` reads the same runs.
+PROTEIN_SEEDS ?= 0 1
 protein-sample: $(STAMP)
-	$(BIN)/provq-fit --config experiments/proteins_sample.yaml \
-		--trainer.logger.init_args.save_dir $(PROTEIN_RUNS) --trainer.logger.init_args.version sample
-	$(BIN)/provq-fit --config experiments/proteins_sample_vanilla.yaml \
-		--trainer.logger.init_args.save_dir $(PROTEIN_RUNS) --trainer.logger.init_args.version sample
+	rm -rf $(foreach v,provq vanilla,$(foreach s,$(PROTEIN_SEEDS),$(PROTEIN_RUNS)/proteins_sample_$(v)/seed_$(s)))
+	mkdir -p $(PROTEIN_RUNS)
+	for seed in $(PROTEIN_SEEDS); do \
+		pids=; \
+		for variant in provq vanilla; do \
+			config=experiments/proteins_sample$$( [ $$variant = vanilla ] && echo _vanilla ).yaml; \
+			OMP_NUM_THREADS=1 $(BIN)/provq-fit --config $$config \
+				--trainer.logger.init_args.save_dir $(PROTEIN_RUNS) \
+				--trainer.logger.init_args.version seed_$$seed --trainer.enable_progress_bar false \
+				--seed_everything $$seed \
+				> $(PROTEIN_RUNS)/proteins_sample_$${variant}_seed_$$seed.log 2>&1 & pids="$$pids $$!"; \
+		done; \
+		for pid in $$pids; do wait $$pid || { echo "protein-sample: a run of seed $$seed failed:" \
+			"see $(PROTEIN_RUNS)/proteins_sample_*_seed_$$seed.log"; exit 1; }; done; \
+	done
 	$(BIN)/python -m provq_lightning.protein.report \
-		ProVQ=$(PROTEIN_RUNS)/proteins_sample_provq/sample \
-		vanilla=$(PROTEIN_RUNS)/proteins_sample_vanilla/sample \
-		> $(PROTEIN_RUNS)/proteins_sample_table.md
-	cat $(PROTEIN_RUNS)/proteins_sample_table.md
+		ProVQ=$(call protein_seed_dirs,proteins_sample_provq) \
+		vanilla=$(call protein_seed_dirs,proteins_sample_vanilla) \
+		--markdown $(PROTEIN_RUNS)/proteins_sample_table.md \
+		--curve $(PROTEIN_RUNS)/proteins_sample_curve.png
 
 protein-test: $(STAMP)
 	$(BIN)/python -m pytest -q tests/protein
@@ -30,13 +50,6 @@ protein-bench: $(STAMP)
 # Token probe (issue 13): a linear probe from tokens to P-SEA secondary structure and the
 # token/secondary-structure mutual information, ProVQ vs vanilla over the protein-sample seeds
 # (needs their runs; also written to $(PROTEIN_RUNS)/protein_probe.md).
-PROTEIN_SEEDS ?= 0 1
-protein_empty :=
-protein_space := $(protein_empty) $(protein_empty)
-protein_comma := ,
-# $(call protein_seed_dirs,NAME): the seeds' run directories of NAME, comma-separated.
-protein_seed_dirs = $(subst $(protein_space),$(protein_comma),$(strip \
-	$(foreach s,$(PROTEIN_SEEDS),$(PROTEIN_RUNS)/$(1)/seed_$(s))))
 
 .PHONY: protein-probe
 protein-probe: $(STAMP)
