@@ -7,6 +7,7 @@ is markdown; a column is ``(metrics.json key, header, format)``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -163,6 +164,33 @@ def learning_curves(run_dirs: dict[str, list[Path]], path: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The arguments every run report takes: the runs, ``--markdown`` and ``--curve``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    parser.add_argument("runs", nargs="+",
+                        help="NAME=RUN_DIR[,RUN_DIR...] (provq-fit log directories, one per seed)")
+    parser.add_argument("--curve", type=Path, help="write the learning-curve PNG here")
+    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    return parser
+
+
+def report_runs(args: argparse.Namespace, read: Callable[[Path], Metrics],
+                columns: Sequence[Column], per_run: Sequence[Column],
+                panels: Sequence[Panel]) -> dict[str, list[Path]]:
+    """Print (and with ``--markdown`` write) the seed and per-run tables of ``args.runs``, and
+    with ``--curve`` draw the learning curves; returns the run directories by name."""
+    run_dirs = parse_runs(args.runs)
+    metrics = {name: [read(d) for d in dirs] for name, dirs in run_dirs.items()}
+    text = seed_table(metrics, columns) + "\n\n" + per_run_table(metrics, run_dirs, per_run)
+    print(text)
+    if args.markdown is not None:
+        write_text(text, args.markdown)
+    if args.curve is not None:
+        learning_curves(run_dirs, args.curve, panels)
+        print(f"wrote {args.curve}")
+    return run_dirs
 
 
 def run_cli(prog: str, body: Callable[[list[str] | None], None], argv: list[str] | None) -> None:

@@ -15,7 +15,6 @@ against the step for every run, with the curriculum's warmup and transition ends
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -23,15 +22,12 @@ from PIL import Image, ImageDraw
 
 from provq_lightning.codebook_metrics import CODEBOOK_REPORT_COLUMNS
 from provq_lightning.run_report import (
-    learning_curves,
-    parse_runs,
-    per_run_table,
     read_metrics,
+    report_parser,
+    report_runs,
     run_cli,
     scalar_series,  # noqa: F401  (re-exported: the report's curves read it, and so do tests)
-    seed_table,
-    write_text,
-)
+    )
 
 PROG = "python -m provq_lightning.image.report"
 
@@ -117,29 +113,17 @@ def reconstruction_grid(run_dirs: dict[str, Path], n: int) -> Image.Image:
 
 
 def _report(argv: list[str] | None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+",
-                        help="NAME=RUN_DIR[,RUN_DIR...] (provq-fit log directories, one per seed)")
+    parser = report_parser(PROG, __doc__)
     parser.add_argument("--grid", type=Path, help="write the reconstruction grid PNG here")
     parser.add_argument("--images", type=int, default=10, help="photos in the grid")
-    parser.add_argument("--curve", type=Path, help="write the learning-curve PNG here")
-    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     args = parser.parse_args(argv)
-    run_dirs = parse_runs(args.runs)
-    metrics = {name: [read_run(d) for d in dirs] for name, dirs in run_dirs.items()}
-    text = seed_table(metrics, COLUMNS) + "\n\n" + per_run_table(metrics, run_dirs, PER_RUN)
-    print(text)
-    if args.markdown is not None:
-        write_text(text, args.markdown)
+    run_dirs = report_runs(args, read_run, COLUMNS, PER_RUN, PANELS)
     if args.grid is not None:
         torch.set_grad_enabled(False)
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         firsts = {name: dirs[0] for name, dirs in run_dirs.items()}
         reconstruction_grid(firsts, args.images).save(args.grid, optimize=True)
         print(f"wrote {args.grid}")
-    if args.curve is not None:
-        learning_curves(run_dirs, args.curve, PANELS)
-        print(f"wrote {args.curve}")
 
 
 def main(argv: list[str] | None = None) -> None:

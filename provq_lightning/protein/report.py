@@ -13,19 +13,15 @@ against the step for every run, with the curriculum's warmup and transition ends
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from provq_lightning.codebook_metrics import CODEBOOK_REPORT_COLUMNS
 from provq_lightning.run_report import (
-    learning_curves,
-    parse_runs,
-    per_run_table,
     read_metrics,
+    report_parser,
+    report_runs,
     run_cli,
-    seed_table,
-    write_text,
 )
 
 PROG = "python -m provq_lightning.protein.report"
@@ -55,21 +51,8 @@ def read_run(run_dir: Path) -> dict[str, float]:
 
 
 def _report(argv: list[str] | None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+",
-                        help="NAME=RUN_DIR[,RUN_DIR...] (provq-fit log directories, one per seed)")
-    parser.add_argument("--curve", type=Path, help="write the learning-curve PNG here")
-    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
-    args = parser.parse_args(argv)
-    run_dirs = parse_runs(args.runs)
-    metrics = {name: [read_run(d) for d in dirs] for name, dirs in run_dirs.items()}
-    text = seed_table(metrics, COLUMNS) + "\n\n" + per_run_table(metrics, run_dirs, PER_RUN)
-    print(text)
-    if args.markdown is not None:
-        write_text(text, args.markdown)
-    if args.curve is not None:
-        learning_curves(run_dirs, args.curve, PANELS)
-        print(f"wrote {args.curve}")
+    args = report_parser(PROG, __doc__).parse_args(argv)
+    report_runs(args, read_run, COLUMNS, PER_RUN, PANELS)
 
 
 def main(argv: list[str] | None = None) -> None:
