@@ -293,7 +293,16 @@ def unpack_chain(shard: dict, i: int) -> ProteinChain:
 
 def load_shard(path: Path | str) -> dict:
     # mmap: a rank touches only the pages of the chains it reads.
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except FileNotFoundError:
+        # The cache is found at setup; a shard gone since (a cleanup job, a deleted working
+        # directory under a relative cache_dir) would otherwise stop the run with a traceback.
+        raise ProvqError(
+            f"structure cache shard {path} disappeared during the run; the cache folder was "
+            "removed or moved: resume the run (--ckpt_path last) to rebuild it, and give "
+            "data.init_args.cache_dir an absolute path outside folders that get cleaned"
+        ) from None
 
 
 def prepare_cache(

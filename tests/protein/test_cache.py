@@ -15,6 +15,7 @@ from provq_lightning.datamodules.proteins import (
     ProteinStructureDataModule,
     collate_structures,
 )
+from provq_lightning.errors import ProvqError
 from provq_lightning.protein import cache as cache_mod
 from provq_lightning.protein.cache import (
     assign_splits,
@@ -169,3 +170,11 @@ def test_fingerprint_follows_the_parser_and_biotite_versions(tmp_path, monkeypat
     manifest = prepare_cache([src], tmp_path / "c", progress=False)
     assert manifest["readers"] == {"parser": parsing.PARSER_VERSION,
                                    "biotite": biotite.__version__}
+
+
+def test_a_shard_removed_during_a_run_is_one_line_naming_it_and_the_fix(tmp_path):
+    gone = tmp_path / "cache" / "train-00000.pt"
+    with pytest.raises(ProvqError, match="disappeared during the run") as err:
+        load_shard(gone)
+    message = str(err.value)
+    assert str(gone) in message and "--ckpt_path last" in message and "\n" not in message
