@@ -98,7 +98,9 @@ def test_cached_chains_equal_parsed_chains(shared_cache):
     assert chain.sequence == ref.sequence
 
 
-def test_up_to_date_cache_is_reused_and_a_changed_file_rebuilds(tmp_path, monkeypatch):
+def test_up_to_date_cache_is_reused_and_a_changed_file_rebuilds(
+    tmp_path, monkeypatch, proteins_dir
+):
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(EDGE / "1aki.pdb", src)
@@ -136,7 +138,7 @@ def test_dataset_crops_centres_and_collates(shared_cache):
     assert (batch["residue_mask"] <= batch["pad_mask"]).all()
 
 
-def test_datamodule_builds_its_cache_and_loads(tmp_path):
+def test_datamodule_builds_its_cache_and_loads(tmp_path, proteins_dir):
     src = tmp_path / "src"
     src.mkdir()
     for name in ("1aki.pdb", "1k6p.pdb", "3o5r.cif"):
@@ -152,7 +154,7 @@ def test_datamodule_builds_its_cache_and_loads(tmp_path):
     assert len(list(dm.predict_dataloader())) == 4
 
 
-def test_fingerprint_follows_the_parser_and_biotite_versions(tmp_path, monkeypatch):
+def test_fingerprint_follows_the_parser_and_biotite_versions(tmp_path, monkeypatch, proteins_dir):
     import biotite
 
     from provq_lightning.protein import parsing
