@@ -15,7 +15,7 @@ hook. Nothing else holds curriculum state.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,10 +86,19 @@ class VQTokenizer(LightningModule):
     Args:
         quantizer: the modality's codebook; built by the subclass (after its encoder, so the
             random initialisation order is the modality's own).
+        modules_before_quantizer: modules (name -> module) to register ahead of the quantizer.
     """
 
-    def __init__(self, quantizer: VectorQuantizer) -> None:
+    def __init__(
+        self,
+        quantizer: VectorQuantizer,
+        modules_before_quantizer: Mapping[str, nn.Module] | None = None,
+    ) -> None:
         super().__init__()
+        # Registered first, in order: a modality keeps the parameter order of its earlier
+        # releases, since an optimizer state in a checkpoint maps to parameters by position.
+        for name, module in (modules_before_quantizer or {}).items():
+            self.add_module(name, module)
         self.quantizer = quantizer
         self.codebook_usage = CodebookUsage(quantizer.num_codes)
         self.register_buffer("curriculum_alpha", torch.tensor(0.0, dtype=torch.float64))

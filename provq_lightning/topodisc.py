@@ -42,6 +42,9 @@ class TopoDiscTokenizer(VQTokenizer):
     run's ``images/`` with other loggers).
     """
 
+    encoder: nn.Sequential  # registered by VQTokenizer.__init__, ahead of the quantizer
+    decoder: nn.Sequential
+
     def __init__(
         self,
         num_codes: int = 32,
@@ -58,14 +61,8 @@ class TopoDiscTokenizer(VQTokenizer):
         encoder = mlp([2] + [hidden] * depth + [latent_dim])
         decoder = mlp([latent_dim] + [hidden] * depth + [2])
         quantizer = VectorQuantizer(num_codes, latent_dim, beta=beta, init=codebook_init)
-        super().__init__(quantizer)
+        super().__init__(quantizer, {"encoder": encoder, "decoder": decoder})
         self.save_hyperparameters()
-        self.encoder = encoder
-        self.decoder = decoder
-        # Registered again, now last: the parameter order of earlier releases, since an optimizer
-        # state in a checkpoint maps to the parameters by position.
-        del self.quantizer
-        self.quantizer = quantizer
         self.add_split_metrics(mse_metrics)
         self._figure_latents: list[torch.Tensor] = []
         self._figure_labels: list[torch.Tensor] = []

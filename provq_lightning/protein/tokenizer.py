@@ -61,6 +61,8 @@ class ProteinTokenizer(VQTokenizer):
             validation chains (the same chains every time; 0: none), see ``protein.plots``.
     """
 
+    encoder: StructureEncoder  # registered by VQTokenizer.__init__, ahead of the quantizer
+
     def __init__(
         self,
         variant: str = "vanilla",
@@ -114,13 +116,8 @@ class ProteinTokenizer(VQTokenizer):
             distogram_bins=64 if distogram_weight > 0 else 0,
             pair_dim=pair_dim,
         )
-        super().__init__(quantizer)
+        super().__init__(quantizer, {"encoder": encoder})
         self.save_hyperparameters()
-        self.encoder = encoder
-        # Registered again, after the encoder: the parameter order of earlier releases, since an
-        # optimizer state in a checkpoint maps to the parameters by position.
-        del self.quantizer
-        self.quantizer = quantizer
         self.decoder = decoder
         self.add_split_metrics(structure_metrics)
         self._picture_chains: list[tuple[str, torch.Tensor, torch.Tensor]] = []

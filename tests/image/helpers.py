@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from provq_lightning.image.tokenizer import ImageTokenizer
@@ -83,3 +84,17 @@ class Batches(torch.utils.data.Dataset):
 # What the tests train on a plain DataLoader over ``Batches``: the uint8 images go to the model
 # as they come from the datamodules, and the model maps them to [-1, 1] itself.
 Module = ImageTokenizer
+
+
+def write_untrained_run(run: Path) -> Path:
+    """A run folder as provq-fit leaves it, ``config.yaml`` and ``checkpoints/last.ckpt``, of an
+    untrained ``TINY`` image tokenizer (seed 0): for tests about inputs, not reconstructions."""
+    torch.manual_seed(0)
+    model = ImageTokenizer(**TINY)
+    init_args = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+    config = {"model": {"class_path": "provq_lightning.image.tokenizer.ImageTokenizer",
+                        "init_args": init_args}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "checkpoints").mkdir()
+    torch.save({"state_dict": model.state_dict()}, run / "checkpoints" / "last.ckpt")
+    return run

@@ -15,9 +15,8 @@ import yaml
 from provq_lightning.checkpoint_check import check_checkpoint_file, load_checkpoint
 from provq_lightning.errors import ProvqError
 from provq_lightning.image.make_shards import main as make_shards
-from provq_lightning.image.tokenizer import ImageTokenizer
 from provq_lightning.tools.tokenize_cli import CodeWriter, decode_main, load_run, tokenize_main
-from tests.image.helpers import TINY
+from tests.image.helpers import TINY, write_untrained_run
 
 NUM_CODES = TINY["num_codes"]
 
@@ -78,16 +77,7 @@ def test_make_shards_missing_source_is_one_line(tmp_path, capsys):
 def tiny_run(tmp_path_factory) -> Path:
     """A run folder as provq-fit leaves it: config.yaml and checkpoints/last.ckpt (random
     weights: these tests are about the inputs, not the reconstructions)."""
-    run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    model = ImageTokenizer(**TINY)
-    config = {"model": {"class_path": "provq_lightning.image.tokenizer.ImageTokenizer",
-                        "init_args": {k: list(v) if isinstance(v, tuple) else v
-                                      for k, v in TINY.items()}}}
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    (run / "checkpoints").mkdir()
-    torch.save({"state_dict": model.state_dict()}, run / "checkpoints" / "last.ckpt")
-    return run
+    return write_untrained_run(tmp_path_factory.mktemp("run"))
 
 
 def write_tokens(out: Path, fmt: str, codes: dict[str, np.ndarray]) -> Path:

@@ -17,7 +17,7 @@ from PIL import Image
 from provq_lightning.image import pretrained as pt
 from provq_lightning.image import rfid
 from provq_lightning.image.tokenizer import ImageTokenizer
-from tests.image.helpers import TINY
+from tests.image.helpers import TINY, write_untrained_run
 
 
 # -- .npz sample batches ----------------------------------------------------------------
@@ -140,16 +140,7 @@ def test_fid_inception_matches_pytorch_fid(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A provq run folder (config.yaml + checkpoint) of an untrained tiny image tokenizer."""
-    run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    model = ImageTokenizer(**TINY)
-    config = {"model": {"class_path": "provq_lightning.image.tokenizer.ImageTokenizer",
-                        "init_args": {k: list(v) if isinstance(v, tuple) else v
-                                      for k, v in TINY.items()}}}
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    (run / "checkpoints").mkdir()
-    torch.save({"state_dict": model.state_dict()}, run / "checkpoints" / "last.ckpt")
-    return run
+    return write_untrained_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

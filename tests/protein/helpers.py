@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from provq_lightning.datamodules.proteins import collate_structures
+from provq_lightning.datamodules.proteins import ProteinStructureDataModule, collate_structures
 from provq_lightning.protein.parsing import parse_structure
 from provq_lightning.protein.paths import REPO_ROOT, shared_data_dir
 from tests.helpers import provq_fit
@@ -87,3 +87,16 @@ def fit_tiny_run(out: Path, files: tuple[str, ...]) -> Path:
     config.write_text(yaml.safe_dump(cfg))
     provq_fit("--config", str(config))
     return out / "proteins_sample_provq" / "t"
+
+
+def cath_datamodule(cache_dir: Path, val_fraction: float) -> ProteinStructureDataModule:
+    """The shared CATH domains, crops of 48, batches of 4, its cache prepared under cache_dir."""
+    dm = ProteinStructureDataModule(
+        sources=str(need_shared_data() / "cath_domains"),
+        cache_dir=str(cache_dir),
+        crop_length=48,
+        val_fraction=val_fraction,
+        batch_size=4,
+    )
+    dm.prepare_data()
+    return dm

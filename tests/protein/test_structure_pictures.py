@@ -10,12 +10,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
 import provq_lightning.protein.tokenizer as tokenizer_module
-from provq_lightning.datamodules.proteins import ProteinStructureDataModule
 from provq_lightning.plots import close_figure
 from provq_lightning.protein.geometry import random_rotation
 from provq_lightning.protein.plots import PANEL_TITLES, chain_figure, structure_figure
 from provq_lightning.protein.tokenizer import ProteinTokenizer
-from tests.protein.helpers import TINY
+from tests.protein.helpers import TINY, cath_datamodule
 
 
 def random_backbone(length: int, seed: int) -> torch.Tensor:
@@ -76,15 +75,7 @@ def test_chain_figure_superposes_before_measuring_error():
 
 @pytest.fixture(scope="module")
 def cath_data(tmp_path_factory, proteins_dir):
-    dm = ProteinStructureDataModule(
-        sources=str(proteins_dir / "cath_domains"),
-        cache_dir=str(tmp_path_factory.mktemp("cath") / "cache"),
-        crop_length=48,
-        val_fraction=0.3,
-        batch_size=4,
-    )
-    dm.prepare_data()
-    return dm
+    return cath_datamodule(tmp_path_factory.mktemp("cath") / "cache", val_fraction=0.3)
 
 
 def test_every_validation_logs_pictures_of_the_same_chains_to_tensorboard_and_png(

@@ -11,13 +11,12 @@ import torch
 import yaml
 
 from provq_lightning.callbacks.curriculum import CurriculumCallback
-from provq_lightning.datamodules.proteins import ProteinStructureDataModule
 from provq_lightning.protein.geometry import CA_C, N_CA
 from provq_lightning.protein.parsing import parse_structure
 from provq_lightning.protein.paths import REPO_ROOT
 from provq_lightning.protein.tokenizer import MISSING_TOKEN, ProteinTokenizer
 from provq_lightning.schedules import Phase
-from tests.protein.helpers import TINY, chain_batch
+from tests.protein.helpers import TINY, cath_datamodule, chain_batch
 
 
 class Snapshot(pl.Callback):
@@ -35,15 +34,7 @@ class Snapshot(pl.Callback):
 
 @pytest.fixture(scope="module")
 def cath_data(tmp_path_factory, proteins_dir):
-    dm = ProteinStructureDataModule(
-        sources=str(proteins_dir / "cath_domains"),
-        cache_dir=str(tmp_path_factory.mktemp("cath") / "cache"),
-        crop_length=48,
-        val_fraction=0.2,
-        batch_size=4,
-    )
-    dm.prepare_data()
-    return dm
+    return cath_datamodule(tmp_path_factory.mktemp("cath") / "cache", val_fraction=0.2)
 
 
 def test_provq_aminoaseed_fit_seeds_once_freezes_base_and_logs_metrics(cath_data):
