@@ -7,9 +7,10 @@ time and peak extra memory, each case in a fresh process so peaks do not mix; th
 process (alternating, medians), with both checked against an fp64 reference; then the scaling of
 provq's search time and memory in N and K.
 K-means (K=4096 on 131,072 x 8 and K=16384 on 262,144 x 8 clustered vectors, 20 Lloyd
-iterations): provq's ``kmeans`` (seeding included) against ``faiss.Kmeans`` on the same data in
-the same process: time and inertia ratios, both inertias computed the same way (exact
-assignment of each one's centres).
+iterations): provq's ``kmeans`` (seeding included, its default backend: faiss's search on the
+CPU) against ``faiss.Kmeans`` on the same data in the same process: time and inertia ratios,
+both inertias computed the same way (exact assignment of each one's centres); provq's torch
+backend (GPU data, or no faiss installed) is timed once beside them.
 
     python benchmarks/bench_quantizer.py [--device cuda] [--skip-kmeans] [--skip-scaling]
 """
@@ -190,41 +191,60 @@ def clustered(n: int, d: int, seed: int = 0) -> torch.Tensor:
 def bench_kmeans(args, n: int, k: int) -> dict:
     import faiss
 
-    from provq_lightning.kmeans import kmeans
+    from provq_lightning.kmeans import kmeans, resolve_backend
     from provq_lightning.search import nearest_code
 
     x = clustered(n, args.d)
     dev = torch.device(args.device)
     xd = x.to(dev)
+    default = resolve_backend("auto", dev)
 
     def inertia(centers: torch.Tensor) -> float:
         centers = centers.to(dev)
         return float((xd - centers[nearest_code(xd, centers)]).double().pow(2).sum())
 
-    rows = []
-    for _ in range(args.kmeans_repeats):  # alternate, so load changes hit both alike
+    def timed(fn):
         sync(dev)
         start = time.perf_counter()
-        ours = kmeans(xd, k, iters=args.kmeans_iters, tol=0.0, seed=0)
+        out = fn()
         sync(dev)
-        ours_s = time.perf_counter() - start
-        start = time.perf_counter()
+        return out, time.perf_counter() - start
+
+    def faiss_kmeans():
         theirs = faiss.Kmeans(args.d, k, niter=args.kmeans_iters, seed=1234)
         theirs.train(x.numpy())
-        faiss_s = time.perf_counter() - start
+        return theirs
+
+    rows = []
+    for _ in range(args.kmeans_repeats):  # alternate, so load changes hit both alike
+        ours, ours_s = timed(lambda: kmeans(xd, k, iters=args.kmeans_iters, tol=0.0, seed=0))
+        theirs, faiss_s = timed(faiss_kmeans)
         rows.append((ours_s, faiss_s))
     ours_s = statistics.median(r[0] for r in rows)
     faiss_s = statistics.median(r[1] for r in rows)
     ours_i, faiss_i = inertia(ours.centers), inertia(torch.from_numpy(theirs.centroids))
+    # provq without faiss (what a GPU or a faiss-less install runs), once.
+    torch_run, torch_s = (None, None)
+    if default != "torch":
+        torch_run, torch_s = timed(
+            lambda: kmeans(xd, k, iters=args.kmeans_iters, tol=0.0, seed=0, backend="torch")
+        )
     print(f"\nK-means, K={k} on {n} x {args.d} clustered vectors, {args.kmeans_iters} Lloyd "
           f"iterations (provq: k-means++ seeding included; faiss: its random init), same data "
-          f"and process, median of {args.kmeans_repeats} alternating runs")
-    print(f"{'case':<26}{'time (s)':>10}{'inertia':>14}")
-    print(f"{'provq kmeans (' + args.device + ')':<26}{ours_s:>10.2f}{ours_i:>14.1f}")
-    print(f"{'faiss.Kmeans (CPU)':<26}{faiss_s:>10.2f}{faiss_i:>14.1f}")
+          f"and process, median of {args.kmeans_repeats} alternating runs "
+          f"(torch {torch.get_num_threads()} threads, faiss {faiss.omp_get_max_threads()})")
+    print(f"{'case':<34}{'time (s)':>10}{'inertia':>14}{'vs faiss':>10}")
+    label = f"provq kmeans ({args.device}, {default})"
+    print(f"{label:<34}{ours_s:>10.2f}{ours_i:>14.1f}{ours_s / faiss_s:>9.2f}x")
+    if torch_run is not None:
+        label = f"provq kmeans ({args.device}, torch), 1 run"
+        print(f"{label:<34}{torch_s:>10.2f}{inertia(torch_run.centers):>14.1f}"
+              f"{torch_s / faiss_s:>9.2f}x")
+    print(f"{'faiss.Kmeans (CPU)':<34}{faiss_s:>10.2f}{faiss_i:>14.1f}{1.0:>9.2f}x")
     print(f"time ratio provq / faiss: {ours_s / faiss_s:.2f}x   inertia ratio provq / faiss: "
           f"{ours_i / faiss_i:.4f}")
-    return {"seconds": ours_s, "faiss_seconds": faiss_s, "inertia_ratio": ours_i / faiss_i}
+    return {"seconds": ours_s, "faiss_seconds": faiss_s, "inertia_ratio": ours_i / faiss_i,
+            "torch_seconds": torch_s}
 
 
 def main() -> None:
