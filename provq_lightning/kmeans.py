@@ -26,6 +26,7 @@ other devices, where ``index_add_`` accumulates in a run-dependent order.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,12 @@ def _faiss_module():
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``torch`` or ``faiss``: ``auto`` picks faiss for CPU data when it is installed."""
+    """``torch`` or ``faiss``: ``auto`` picks faiss for CPU data when it is installed, on Linux.
+
+    Elsewhere ``auto`` stays with torch: on macOS the faiss-cpu and torch wheels each bring
+    their own OpenMP runtime, and loading both can abort the process (libomp "Error #15"),
+    which would end a run at its k-means step; ``backend="faiss"`` still forces it.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"k-means backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
@@ -92,6 +98,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"k-means backend 'faiss' runs on the CPU but the data is on {device}; "
                 "use backend 'auto' or 'torch' there"
             )
+        return "torch"
+    if backend == "auto" and not sys.platform.startswith("linux"):
         return "torch"
     if _faiss_module() is None:
         if backend == "faiss":

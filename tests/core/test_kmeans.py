@@ -111,6 +111,11 @@ def test_backend_choice(monkeypatch):
         resolve_backend("faiss", meta)
     with pytest.raises(ValueError, match="must be one of"):
         resolve_backend("sklearn", cpu)
+    monkeypatch.setattr(kmeans_module.sys, "platform", "darwin")
+    assert resolve_backend("auto", cpu) == "torch"  # two OpenMP runtimes can abort on macOS
+    monkeypatch.setattr(kmeans_module.sys, "platform", "linux")
+    if kmeans_module._faiss_module() is not None:
+        assert resolve_backend("auto", cpu) == "faiss"
     monkeypatch.setattr(kmeans_module, "_faiss_module", lambda: None)
     assert resolve_backend("auto", cpu) == "torch"
     with pytest.raises(ProvqError, match="pip install faiss-cpu"):
