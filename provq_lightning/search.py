@@ -49,6 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
+from provq_lightning import cpu_kernel
+
 DEFAULT_MAX_CHUNK_BYTES = 128 * 2**20
 # About the size of a score block that stays in the L2/L3 cache of a CPU core between the
 # matmul that writes it and the min that reads it (4 MiB was fastest on the benchmark machine;
@@ -60,6 +62,8 @@ UNIT_ROUNDOFF = 2.0**-24
 TIE_SAFETY = 2.0
 # Absolute slack for underflow: products of near-zero values lose their relative accuracy.
 UNDERFLOW_SLACK = 1e-30
+# Widest codes the fused CPU kernel takes: past this the sgemm path is compute-bound anyway.
+MAX_KERNEL_DIM = 32
 
 
 @contextlib.contextmanager
@@ -155,6 +159,9 @@ def blocked_argmin(
     the error bound, which holds for any fp32 evaluation order. The per-group minima of at most
     ``max_chunk_bytes`` are held at once. Call inside ``exact_fp32_matmul``.
     """
+    fused = _fused_cpu_argmin(a, prepared, want_second)
+    if fused is not None:
+        return fused
     groups = prepared.codes.shape[0] // prepared.group
     span = max(rows, rows_per_chunk(groups, max_chunk_bytes))
     n = a.shape[0]
@@ -165,6 +172,24 @@ def blocked_argmin(
     best = torch.cat([p[1] for p in parts])
     second = torch.cat([p[2] for p in parts]) if want_second else None
     return index, best, second
+
+
+def _fused_cpu_argmin(
+    a: torch.Tensor, prepared: PreparedCodes, want_second: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """The same three results from ``cpu_kernel`` for CPU rows of up to ``MAX_KERNEL_DIM``
+    dimensions; None when it does not apply or is unavailable. Its scores are the same
+    ``fl(h_j - sum_i a_i b_ij)`` (FMA or not), so the error bound holds unchanged."""
+    k = prepared.num_codes
+    if a.device.type != "cpu" or a.shape[1] > MAX_KERNEL_DIM or a.shape[0] == 0 or k == 0:
+        return None
+    codes_t, half_sq = cpu_kernel.pad_codes(prepared.codes[:k])
+    fused = cpu_kernel.nearest_two(a, codes_t, half_sq)
+    if fused is None:
+        return None
+    index, best, second = fused
+    index.clamp_(max=k - 1)  # NaN rows: keep the index valid, as the torch path does
+    return index, best, second if want_second else None
 
 
 def _two_stage(

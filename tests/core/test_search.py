@@ -1,7 +1,18 @@
 import pytest
 import torch
 
+from provq_lightning import cpu_kernel
 from provq_lightning.search import nearest_code, rows_per_chunk
+
+
+@pytest.fixture(autouse=True, params=["fused_cpu_kernel", "torch_blocks"])
+def search_path(request, monkeypatch):
+    """Every test runs on both CPU paths: the compiled kernel and the blocked torch search."""
+    if request.param == "torch_blocks":
+        monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    elif cpu_kernel.kernel() is None:
+        pytest.skip("the fused CPU kernel could not be built here (see the warning above)")
+    return request.param
 
 
 def off_centre(n=6000, k=512, d=8, offset=40.0, seed=0):

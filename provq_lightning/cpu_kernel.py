@@ -1,0 +1,171 @@
+"""The fused CPU nearest-code kernel (``csrc/nearest_two.cpp``), compiled once per machine.
+
+provq's exact search on CPU tensors otherwise runs an sgemm that writes every score block and a
+second pass that reads it back; the fused kernel keeps the best and runner-up scores in
+registers instead, about 2x faster (benchmarks/README.md). It is built on first use with the
+C++ compiler torch's extension builder finds (about 30 s), then loaded from a cache:
+``$PROVQ_KERNEL_CACHE`` or ``$XDG_CACHE_HOME/provq/kernels`` (``~/.cache/provq/kernels``).
+
+Reliability rules:
+* the cached file's name hashes the source, torch's and Python's versions and the CPU's
+  instruction-set flags: ``-march=native`` code built on one node type is never loaded on
+  another (a shared home directory on a mixed cluster would otherwise crash with SIGILL);
+* every process builds in its own temporary folder and moves the result into the cache
+  atomically, so a run killed mid-build leaves no lock or half-written file behind;
+* after loading, the kernel must agree with the torch path on a small problem with ties;
+* any failure (no compiler, a failed build or self-check) logs one warning and provq keeps its
+  torch search. ``PROVQ_CPU_KERNEL=0`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "nearest_two.cpp"
+ENV_SWITCH = "PROVQ_CPU_KERNEL"
+ENV_CACHE = "PROVQ_KERNEL_CACHE"
+LANES = 16  # codes per vector step in the kernel: K is padded to a multiple of this
+EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+
+_state: dict[str, ModuleType | None] = {}
+
+
+def enabled() -> bool:
+    """False when ``PROVQ_CPU_KERNEL`` is ``0``/``false``/``off``."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cache_dir() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "provq" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The instruction-set flags of this CPU (Linux), else the machine and processor names."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def module_name() -> str:
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode()):
+        digest.update(part)
+    digest.update(_cpu_signature().encode())
+    return f"provq_nearest_two_{digest.hexdigest()[:16]}"
+
+
+def _import_file(name: str, path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _build(name: str, target: Path) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=target.parent))
+    try:
+        log.warning(
+            "provq: compiling its fused CPU search kernel once for this machine (about 30 s; "
+            "cached in %s; %s=0 skips it)", target.parent, ENV_SWITCH
+        )
+        module = load(
+            name,
+            [str(SOURCE)],
+            extra_cflags=["-O3", "-march=native"],
+            build_directory=str(build),
+            verbose=False,
+        )
+        os.replace(module.__file__, target)  # atomic: readers see no file or a whole one
+        return module
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _self_check(module: ModuleType) -> None:
+    """The kernel against a plain fp64 argmin, with exact ties and K not a multiple of 16."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randn(37, 5, generator=g)
+    codes[20] = codes[3]  # an exact tie: the lower index must win
+    a = torch.cat([torch.randn(29, 5, generator=g), codes[3:4], codes[36:37]])
+    codes_t, half_sq = pad_codes(codes)
+    index, best, second = module.nearest_two(a.contiguous(), codes_t, half_sq)
+    scores = (0.5 * codes.double().pow(2).sum(1)) - a.double() @ codes.double().t()
+    expected = scores.argmin(dim=1)
+    top2 = scores.topk(2, dim=1, largest=False).values
+    close = (best.double() - top2[:, 0]).abs().max() < 1e-4
+    close = close and (second.double() - top2[:, 1]).abs().max() < 1e-4
+    if not (torch.equal(index, expected) and close):
+        raise RuntimeError("self-check: kernel results differ from the fp64 reference")
+
+
+def pad_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``codes`` (K x D, fp32, already shifted) as the kernel's ``codes_t`` (D x K_pad) and
+    ``half_sq`` (K_pad) with ``+inf`` on the padding, so padding never wins."""
+    k, d = codes.shape
+    padded = -(-max(k, 1) // LANES) * LANES
+    codes_t = torch.zeros(d, padded, dtype=torch.float32)
+    codes_t[:, :k] = codes.t()
+    half_sq = torch.full((padded,), float("inf"), dtype=torch.float32)
+    half_sq[:k] = 0.5 * (codes * codes).sum(dim=1)
+    return codes_t, half_sq
+
+
+def kernel() -> ModuleType | None:
+    """The compiled kernel module, or None (switched off, or it could not be built/loaded)."""
+    if not enabled():
+        return None
+    if "module" in _state:
+        return _state["module"]
+    name = module_name()
+    target = cache_dir() / f"{name}{EXTENSION_SUFFIX}"
+    module = None
+    try:
+        module = _import_file(name, target) if target.exists() else _build(name, target)
+        _self_check(module)
+    except Exception as err:  # noqa: BLE001 (any failure: fall back, say why once)
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        log.warning(
+            "provq: fused CPU search kernel unavailable (%s: %s); using the torch search "
+            "(exact too, about 2x slower; %s=0 hides this)",
+            type(err).__name__, reason, ENV_SWITCH,
+        )
+        module = None
+    _state["module"] = module
+    return module
+
+
+def nearest_two(
+    a: torch.Tensor, codes_t: torch.Tensor, half_sq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Best index, best score and runner-up score of every row of ``a`` (N x D, fp32 CPU),
+    scores ``half_sq[j] - a . codes_t[:, j]``; None when the kernel is unavailable."""
+    module = kernel()
+    if module is None:
+        return None
+    index, best, second = module.nearest_two(a.contiguous(), codes_t, half_sq)
+    return index, best, second
