@@ -350,8 +350,7 @@ class CurriculumCallback(Callback):
             rank_zero_info(
                 f"[provq] step {step}: seeded {k} codes by k-means on "
                 f"{self.reservoir.shape[0]} vectors in {time.perf_counter() - started:.1f}s "
-                f"({result.iterations} iterations on {result.backend}, "
-                f"inertia {result.inertia:.4g}, "
+                f"({result.iterations} iterations, inertia {result.inertia:.4g}, "
                 f"{result.reseeded} empty clusters re-seeded)"
             )
             distinct = int(torch.unique(self.reservoir, dim=0).shape[0])

@@ -1,10 +1,11 @@
 """K-means with k-means++ seeding, on whatever device the data lives on.
 
 Used once per run to seed the codebook from encoder outputs at the end of warmup. Three
-choices keep it within a small factor of faiss at K = 4096-16384 codes:
+choices keep it within 1.2x of faiss.Kmeans at K = 4096-16384 codes on a CPU:
 
-* assignment reuses the quantizer's blocked nearest-code search (cache-sized fp32 score blocks,
-  plain argmin, no top-k), so memory stays bounded for hundreds of thousands of vectors;
+* assignment reuses the quantizer's nearest-code search (on the CPU the fused kernel of
+  ``cpu_kernel``, elsewhere cache-sized fp32 score blocks; plain argmin, no top-k), so memory
+  stays bounded for hundreds of thousands of vectors;
 * seeding draws the first few centres greedily one at a time (k-means++ with local trials, as
   scikit-learn does), then doubles the number of centres per round by D^2 sampling without
   replacement, so K = 16384 needs about 10 passes over the data instead of thousands (on
@@ -12,12 +13,7 @@ choices keep it within a small factor of faiss at K = 4096-16384 codes:
   initialisation in inertia; greedy trials in the doubling rounds made it worse);
 * Lloyd iterations skip the vectors that provably keep their centre (Hamerly's bound: the
   distance to the own centre is below a lower bound on the distance to every other centre,
-  lowered by the largest centre drift after each update), and search only the rest;
-* on the CPU, when faiss is installed (``pip install provq[faiss]``), every assignment is
-  faiss's fused fp32 nearest-centre kernel instead (``backend="auto"``): the blocked torch search
-  has to write every score block to memory and read it back, which costs it about 2x faiss's
-  time per pass (benchmarks/README.md). k-means needs no exact tie-breaking, so faiss's fp32
-  argmin is enough here; the quantizer's search stays provq's exact one.
+  lowered by the largest centre drift after each update), and search only the rest.
 
 Cluster sums use ``index_add_`` on the CPU (deterministic) and a sorted fp64 prefix sum on
 other devices, where ``index_add_`` accumulates in a run-dependent order.
@@ -26,7 +22,6 @@ other devices, where ``index_add_`` accumulates in a run-dependent order.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +39,6 @@ from provq_lightning.search import (
 SEQUENTIAL_CENTRES = 16
 # Relative slack on Hamerly's lower bound: it comes from the fp32 score expansion.
 BOUND_SLACK = 1e-4
-BACKENDS = ("auto", "torch", "faiss")
 
 
 class NonFiniteInputError(ProvqError, ValueError):
@@ -70,73 +64,12 @@ class KMeansResult:
     inertia: float
     iterations: int
     reseeded: int
-    backend: str = "torch"
-
-
-def _faiss_module():
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return faiss
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``torch`` or ``faiss``: ``auto`` picks faiss for CPU data when it is installed, on Linux.
-
-    Elsewhere ``auto`` stays with torch: on macOS the faiss-cpu and torch wheels each bring
-    their own OpenMP runtime, and loading both can abort the process (libomp "Error #15"),
-    which would end a run at its k-means step; ``backend="faiss"`` still forces it.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"k-means backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    if device.type != "cpu":
-        if backend == "faiss":
-            raise ProvqError(
-                f"k-means backend 'faiss' runs on the CPU but the data is on {device}; "
-                "use backend 'auto' or 'torch' there"
-            )
-        return "torch"
-    if backend == "auto" and not sys.platform.startswith("linux"):
-        return "torch"
-    if _faiss_module() is None:
-        if backend == "faiss":
-            raise ProvqError(
-                "k-means backend 'faiss' needs faiss: pip install faiss-cpu "
-                "(or provq[faiss]), or use backend 'auto'"
-            )
-        return "torch"
-    return "faiss"
-
-
-def _faiss_nearest(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """Nearest centre of every row by faiss's exhaustive fp32 search, with torch's thread count
-    (faiss has its own OpenMP pool, which would otherwise take every core)."""
-    faiss = _faiss_module()
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(torch.get_num_threads())
-    try:
-        index = faiss.IndexFlatL2(centers.shape[1])
-        index.add(centers.detach().float().contiguous().numpy())
-        _, found = index.search(x.detach().float().contiguous().numpy(), 1)
-    finally:
-        faiss.omp_set_num_threads(previous)
-    return torch.from_numpy(found[:, 0]).long()
 
 
 def _search(
-    x: torch.Tensor,
-    centers: torch.Tensor,
-    max_chunk_bytes: int,
-    want_second: bool,
-    backend: str = "torch",
+    x: torch.Tensor, centers: torch.Tensor, max_chunk_bytes: int, want_second: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Nearest centre of every row and, with ``want_second``, the distance to the runner-up
-    (torch backend only: faiss's fast path returns the nearest centre alone)."""
-    if backend == "faiss":
-        return _faiss_nearest(x, centers), None
+    """Nearest centre of every row and, with ``want_second``, the distance to the runner-up."""
     prepared = prepare_codes(centers)
     a = x - prepared.shift
     rows = default_block_rows(x.device, prepared.codes.shape[0], max_chunk_bytes)
@@ -179,7 +112,6 @@ def kmeans_plus_plus(
     batch: int | None = None,
     local_trials: int | None = None,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-    backend: str = "torch",
 ) -> torch.Tensor:
     """k-means++ initial centres for ``x`` (N x D).
 
@@ -216,7 +148,7 @@ def kmeans_plus_plus(
         new = x[_draw(min_sq, take, generator)]
         centers[filled : filled + take] = new
         filled += take
-        index, _ = _search(x, new, max_chunk_bytes, want_second=False, backend=backend)
+        index, _ = _search(x, new, max_chunk_bytes, want_second=False)
         min_sq = torch.minimum(min_sq, _sq_dist(x, new, index))
     return centers
 
@@ -259,15 +191,12 @@ def kmeans(
     seed: int = 0,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     init: torch.Tensor | None = None,
-    backend: str = "auto",
 ) -> KMeansResult:
     """Lloyd's k-means on ``x`` (N x D) with k-means++ init; empty clusters are re-seeded.
 
     Stops after ``iters`` iterations or when the relative inertia change falls below ``tol``.
-    ``init`` replaces the k-means++ starting centres. ``backend``: ``auto`` (faiss's search for
-    CPU data when faiss is installed, else torch), ``torch`` or ``faiss``; both give the same
-    clustering up to fp32 near-ties. Deterministic for a ``seed`` on a given device and backend.
-    Raises ``NonFiniteInputError`` when a row holds NaN/inf.
+    ``init`` replaces the k-means++ starting centres. Deterministic for a ``seed`` on a given
+    device. Raises ``NonFiniteInputError`` when a row holds NaN/inf.
     """
     if x.dim() != 2:
         raise ValueError(f"kmeans expects an (N, D) tensor, got shape {tuple(x.shape)}")
@@ -278,7 +207,6 @@ def kmeans(
             "collect more (raise kmeans_samples or the number of collection batches)"
         )
     x = x.float()
-    backend = resolve_backend(backend, x.device)
     check_finite_rows(x)  # one pass; NaN would otherwise win every k-means++ draw silently
     gen_device = x.device if x.device.type != "mps" else torch.device("cpu")
     generator = torch.Generator(device=gen_device).manual_seed(seed)
@@ -286,10 +214,8 @@ def kmeans(
         if init is not None:
             centers = init.to(x).clone()
         else:
-            centers = kmeans_plus_plus(
-                x, k, generator, max_chunk_bytes=max_chunk_bytes, backend=backend
-            )
-        index, lower = _search(x, centers, max_chunk_bytes, want_second=True, backend=backend)
+            centers = kmeans_plus_plus(x, k, generator, max_chunk_bytes=max_chunk_bytes)
+        index, lower = _search(x, centers, max_chunk_bytes, want_second=True)
         previous = float("inf")
         reseeded = 0
         iteration = 0
@@ -308,21 +234,14 @@ def kmeans(
                 updated[empty[: worst.numel()]] = x[worst]
                 reseeded += int(empty.numel())
             converged = previous - inertia <= tol * previous if previous < float("inf") else False
-            if backend == "faiss":  # no runner-up, so no bounds: every row, one fused pass
-                index, _ = _search(x, updated, max_chunk_bytes, False, backend)
-            else:
-                index, lower = _reassign(x, centers, updated, index, lower, max_chunk_bytes)
+            index, lower = _reassign(x, centers, updated, index, lower, max_chunk_bytes)
             centers = updated
             if empty.numel() == 0 and converged:
                 break
             previous = inertia
         sq = _sq_dist(x, centers, index)
     return KMeansResult(
-        centers=centers,
-        inertia=float(sq.sum()),
-        iterations=iteration,
-        reseeded=reseeded,
-        backend=backend,
+        centers=centers, inertia=float(sq.sum()), iterations=iteration, reseeded=reseeded
     )
 
 

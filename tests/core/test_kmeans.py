@@ -1,19 +1,7 @@
 import pytest
 import torch
 
-from provq_lightning import kmeans as kmeans_module
-from provq_lightning.errors import ProvqError
-from provq_lightning.kmeans import kmeans, kmeans_plus_plus, resolve_backend, sorted_cluster_sums
-
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "faiss",
-        marks=pytest.mark.skipif(
-            kmeans_module._faiss_module() is None, reason="faiss-cpu is not installed"
-        ),
-    ),
-]
+from provq_lightning.kmeans import kmeans, kmeans_plus_plus, sorted_cluster_sums
 
 
 def blobs(k=8, per=200, d=3, seed=0):
@@ -74,52 +62,15 @@ def plain_lloyd(x, centers, iters):
     return centers
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_equals_plain_lloyd(backend):
-    # torch skips rows by Hamerly's bounds, faiss searches every row with its own kernel: both
-    # must reach the textbook result.
+@pytest.mark.parametrize("fused_kernel", ["1", "0"])
+def test_skipping_rows_by_bounds_equals_plain_lloyd(fused_kernel, monkeypatch):
+    monkeypatch.setenv("PROVQ_CPU_KERNEL", fused_kernel)  # both CPU search paths
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3000, 4, generator=g) * torch.tensor([3.0, 1.0, 0.5, 0.2])
     init = x[torch.randperm(3000, generator=g)[:40]].clone()
-    result = kmeans(x, 40, iters=12, tol=0.0, init=init, backend=backend)
+    result = kmeans(x, 40, iters=12, tol=0.0, init=init)
     assert result.iterations == 12
-    assert result.backend == backend
     torch.testing.assert_close(result.centers, plain_lloyd(x, init, 12), rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_is_deterministic_for_a_seed(backend):
-    x, _ = blobs(k=20, per=100, d=4, seed=2)
-    a = kmeans(x, 300, iters=5, seed=7, backend=backend)
-    b = kmeans(x, 300, iters=5, seed=7, backend=backend)
-    assert torch.equal(a.centers, b.centers)
-
-
-@pytest.mark.skipif(kmeans_module._faiss_module() is None, reason="faiss-cpu is not installed")
-def test_faiss_backend_leaves_faiss_thread_count_as_it_was():
-    faiss = kmeans_module._faiss_module()
-    before = faiss.omp_get_max_threads()
-    kmeans(blobs()[0], 8, backend="faiss")
-    assert faiss.omp_get_max_threads() == before
-
-
-def test_backend_choice(monkeypatch):
-    cpu, meta = torch.device("cpu"), torch.device("meta")
-    assert resolve_backend("torch", cpu) == "torch"
-    assert resolve_backend("auto", meta) == "torch"  # faiss-cpu cannot search device memory
-    with pytest.raises(ProvqError, match="runs on the CPU.*use backend 'auto' or 'torch'"):
-        resolve_backend("faiss", meta)
-    with pytest.raises(ValueError, match="must be one of"):
-        resolve_backend("sklearn", cpu)
-    monkeypatch.setattr(kmeans_module.sys, "platform", "darwin")
-    assert resolve_backend("auto", cpu) == "torch"  # two OpenMP runtimes can abort on macOS
-    monkeypatch.setattr(kmeans_module.sys, "platform", "linux")
-    if kmeans_module._faiss_module() is not None:
-        assert resolve_backend("auto", cpu) == "faiss"
-    monkeypatch.setattr(kmeans_module, "_faiss_module", lambda: None)
-    assert resolve_backend("auto", cpu) == "torch"
-    with pytest.raises(ProvqError, match="pip install faiss-cpu"):
-        resolve_backend("faiss", cpu)
 
 
 def test_sorted_cluster_sums_equal_index_add():
