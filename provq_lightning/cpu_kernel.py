@@ -19,6 +19,7 @@ Reliability rules:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -27,7 +28,9 @@ import os
 import platform
 import shutil
 import sys
+import sysconfig
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -83,6 +86,20 @@ def _import_file(name: str, path: Path) -> ModuleType:
     return module
 
 
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch's builder runs ``ninja`` from PATH; the ``ninja`` wheel provq depends on lives in
+    this interpreter's scripts folder, which is not on PATH when a venv is not activated."""
+    scripts = sysconfig.get_path("scripts")
+    previous = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None and scripts:
+        os.environ["PATH"] = scripts + os.pathsep + previous
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = previous
+
+
 def _build(name: str, target: Path) -> ModuleType:
     from torch.utils.cpp_extension import load
 
@@ -93,13 +110,14 @@ def _build(name: str, target: Path) -> ModuleType:
             "provq: compiling its fused CPU search kernel once for this machine (about 30 s; "
             "cached in %s; %s=0 skips it)", target.parent, ENV_SWITCH
         )
-        module = load(
-            name,
-            [str(SOURCE)],
-            extra_cflags=["-O3", "-march=native"],
-            build_directory=str(build),
-            verbose=False,
-        )
+        with _ninja_on_path():
+            module = load(
+                name,
+                [str(SOURCE)],
+                extra_cflags=["-O3", "-march=native"],
+                build_directory=str(build),
+                verbose=False,
+            )
         os.replace(module.__file__, target)  # atomic: readers see no file or a whole one
         return module
     finally:
