@@ -41,6 +41,16 @@ def current_rss_bytes() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> int:
+    """This process's own resident high-water mark. Not ``getrusage``'s ``ru_maxrss``: a child
+    keeps its parent's maximum across fork and exec, so a large parent inflates every child."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -90,7 +100,7 @@ def run_case(case: str, n: int, k: int, d: int, device: str, repeats: int) -> di
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = peak_rss_bytes() - base
     return {"case": case, "seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
 
 
