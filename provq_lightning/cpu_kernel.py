@@ -153,6 +153,19 @@ def pad_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes_t, half_sq
 
 
+def failure_reason(err: BaseException) -> str:
+    """The line of a failure that says what went wrong: for a failed build the compiler's
+    first error (full disk, missing header, ...), not the long command line torch puts first."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    errors = [
+        line
+        for line in lines
+        if "error" in line.lower() and not line.startswith(("Error building extension", "["))
+    ]
+    text = errors[0] if errors else (lines[-1] if lines else "")
+    return text[:240] or type(err).__name__
+
+
 def kernel() -> ModuleType | None:
     """The compiled kernel module, or None (switched off, or it could not be built/loaded)."""
     if not enabled():
@@ -166,7 +179,7 @@ def kernel() -> ModuleType | None:
         module = _import_file(name, target) if target.exists() else _build(name, target)
         _self_check(module)
     except Exception as err:  # noqa: BLE001 (any failure: fall back, say why once)
-        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        reason = failure_reason(err)
         log.warning(
             "provq: fused CPU search kernel unavailable (%s: %s); using the torch search "
             "(exact too, about 2x slower; %s=0 hides this)",

@@ -1,0 +1,29 @@
+"""The fused CPU search kernel's build on a full disk: one warning, the torch search, and no
+half-written file or build folder left in the cache."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from provq_lightning import cpu_kernel
+from provq_lightning.search import nearest_code
+
+
+def test_kernel_build_on_a_full_disk_falls_back_and_leaves_nothing(
+    tmpfs, monkeypatch, caplog
+):
+    cache = tmpfs("64k")  # too small for the object file the compiler writes
+    monkeypatch.setenv(cpu_kernel.ENV_CACHE, str(cache))
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    with caplog.at_level(logging.WARNING, logger="provq_lightning.cpu_kernel"):
+        assert cpu_kernel.kernel() is None
+    (warning,) = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert "No space left on device" in warning  # the compiler's error, not its command line
+    assert list(cache.iterdir()) == []
+    # The search still answers, exactly.
+    g = torch.Generator().manual_seed(0)
+    z, codes = torch.randn(300, 8, generator=g), torch.randn(50, 8, generator=g)
+    expected = torch.cdist(z.double(), codes.double()).argmin(dim=1)
+    assert torch.equal(nearest_code(z, codes), expected)
