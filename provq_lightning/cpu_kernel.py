@@ -11,7 +11,8 @@ Reliability rules:
   instruction-set flags: ``-march=native`` code built on one node type is never loaded on
   another (a shared home directory on a mixed cluster would otherwise crash with SIGILL);
 * every process builds in its own temporary folder and moves the result into the cache
-  atomically, so a run killed mid-build leaves no lock or half-written file behind;
+  atomically, so a run killed mid-build leaves no lock or half-written file behind (its
+  folder is removed by the next build, an hour later or more);
 * after loading, the kernel must agree with the torch path on a small problem with ties;
 * any failure (no compiler, a failed build or self-check) logs one warning and provq keeps its
   torch search. ``PROVQ_CPU_KERNEL=0`` turns the kernel off.
@@ -30,6 +31,7 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +45,7 @@ ENV_SWITCH = "PROVQ_CPU_KERNEL"
 ENV_CACHE = "PROVQ_KERNEL_CACHE"
 LANES = 16  # codes per vector step in the kernel: K is padded to a multiple of this
 EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+STALE_BUILD_SECONDS = 3600
 
 _state: dict[str, ModuleType | None] = {}
 
@@ -100,10 +103,23 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = previous
 
 
+def _remove_stale_builds(folder: Path) -> None:
+    """Build folders of processes killed mid-build: older than any build takes, so no other
+    process is still using them."""
+    cutoff = time.time() - STALE_BUILD_SECONDS
+    for path in folder.glob("provq_nearest_two_*-*"):
+        try:
+            if path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _build(name: str, target: Path) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(target.parent)
     build = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=target.parent))
     try:
         log.warning(

@@ -99,6 +99,28 @@ def test_failed_build_falls_back_with_one_warning_and_leaves_no_files(
     assert index.tolist() == [0, 1, 2]
 
 
+def test_build_folders_of_killed_builds_are_removed_later(fresh_state, monkeypatch):
+    import os
+    import time
+
+    import torch.utils.cpp_extension as ext
+
+    old = fresh_state / "provq_nearest_two_0123-abcd"  # a build killed two hours ago
+    recent = fresh_state / "provq_nearest_two_0123-efgh"  # another process building now
+    for path in (old, recent):
+        path.mkdir()
+        (path / "nearest_two.o").write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    def failing_build(*args, **kwargs):
+        raise RuntimeError("compiler crashed")
+
+    monkeypatch.setattr(ext, "load", failing_build)
+    assert cpu_kernel.kernel() is None
+    assert not old.exists()
+    assert recent.exists()
+
+
 def test_a_kernel_that_fails_its_self_check_is_not_used(fresh_state, monkeypatch):
     def wrong(a, codes_t, half_sq):
         n = a.shape[0]
