@@ -15,7 +15,9 @@ Reliability rules:
   folder is removed by the next build, an hour later or more);
 * after loading, the kernel must agree with the torch path on a small problem with ties;
 * any failure (no compiler, a failed build or self-check) logs one warning and provq keeps its
-  torch search. ``PROVQ_CPU_KERNEL=0`` turns the kernel off.
+  torch search; a failure is noted next to the cache entry (``<name>.failed``), so other
+  processes do not repeat a failing build for a day. ``PROVQ_CPU_KERNEL=0`` turns the kernel
+  off.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ ENV_CACHE = "PROVQ_KERNEL_CACHE"
 LANES = 16  # codes per vector step in the kernel: K is padded to a multiple of this
 EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 STALE_BUILD_SECONDS = 3600
+RETRY_FAILED_BUILD_SECONDS = 24 * 3600
 
 _state: dict[str, ModuleType | None] = {}
 
@@ -190,8 +193,15 @@ def kernel() -> ModuleType | None:
         return _state["module"]
     name = module_name()
     target = cache_dir() / f"{name}{EXTENSION_SUFFIX}"
+    failed = target.with_name(f"{name}.failed")
     module = None
     try:
+        if _recent_failure(failed) and not target.exists():
+            # Every new process would otherwise pay for the same failing build again.
+            raise RuntimeError(
+                f"{failed.read_text().strip()} (an earlier build; retried a day later, or "
+                f"delete {failed} to retry now)"
+            )
         module = _import_file(name, target) if target.exists() else _build(name, target)
         _self_check(module)
     except Exception as err:  # noqa: BLE001 (any failure: fall back, say why once)
@@ -201,9 +211,19 @@ def kernel() -> ModuleType | None:
             "(exact too, about 2x slower; %s=0 hides this)",
             type(err).__name__, reason, ENV_SWITCH,
         )
+        if not _recent_failure(failed):
+            with contextlib.suppress(OSError):
+                failed.write_text(reason + "\n")
         module = None
     _state["module"] = module
     return module
+
+
+def _recent_failure(marker: Path) -> bool:
+    try:
+        return time.time() - marker.stat().st_mtime < RETRY_FAILED_BUILD_SECONDS
+    except OSError:
+        return False
 
 
 def nearest_two(

@@ -91,12 +91,35 @@ def test_failed_build_falls_back_with_one_warning_and_leaves_no_files(
     assert len(unavailable) == 1
     assert "command not found" in unavailable[0].getMessage()
     assert "PROVQ_CPU_KERNEL=0" in unavailable[0].getMessage()
-    assert list(fresh_state.iterdir()) == []  # the temporary build folder is gone
+    # The temporary build folder is gone; only the note of the failure stays.
+    (marker,) = fresh_state.iterdir()
+    assert marker.name == f"{cpu_kernel.module_name()}.failed"
+    assert "command not found" in marker.read_text()
     # The search itself still answers, on the torch path.
     codes = torch.randn(20, 4)
     prepared = prepare_codes(codes)
     index, _, _ = blocked_argmin(codes[:3] - prepared.shift, prepared, 64, want_second=True)
     assert index.tolist() == [0, 1, 2]
+
+
+def test_other_processes_do_not_repeat_a_failed_build(fresh_state, monkeypatch, caplog):
+    import torch.utils.cpp_extension as ext
+
+    builds = []
+
+    def failing_build(*args, **kwargs):
+        builds.append(1)
+        raise RuntimeError("c++: error: unrecognized command-line option '-march=native'")
+
+    monkeypatch.setattr(ext, "load", failing_build)
+    assert cpu_kernel.kernel() is None
+    monkeypatch.setattr(cpu_kernel, "_state", {})  # a new process
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="provq_lightning.cpu_kernel"):
+        assert cpu_kernel.kernel() is None
+    assert len(builds) == 1
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "-march=native" in warning and "an earlier build" in warning and ".failed" in warning
 
 
 def test_build_folders_of_killed_builds_are_removed_later(fresh_state, monkeypatch):
