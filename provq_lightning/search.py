@@ -12,6 +12,10 @@ minus a per-row constant) over the codes:
   writes them and the one reduction that reads them, to per-group minima (groups of about
   sqrt(K) consecutive codes); then, rows sorted by their best group, one small matmul per group
   gives the argmin and the runner-up inside it. No top-k over K, no N x K matrix;
+* on CPU tensors with at most ``MAX_KERNEL_DIM`` dimensions, the fused kernel of
+  ``cpu_kernel`` replaces both stages: it keeps each row's best and runner-up scores in
+  registers and never writes a score block (about 2x faster; same scores up to evaluation
+  order, which the bound below allows);
 * a row whose best and second-best fp32 scores are closer than the bound below may have been
   decided by rounding: only those rows are re-scored, against the codes within the bound of
   their best, with the direct fp64 ``sum((z - c)^2)`` of the original values.
