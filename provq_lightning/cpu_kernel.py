@@ -149,7 +149,7 @@ def _self_check(module: ModuleType) -> None:
     codes = torch.randn(37, 5, generator=g)
     codes[20] = codes[3]  # an exact tie: the lower index must win
     a = torch.cat([torch.randn(29, 5, generator=g), codes[3:4], codes[36:37]])
-    codes_t, half_sq = pad_codes(codes)
+    codes_t, half_sq = pad_codes(codes, 0.5 * (codes * codes).sum(dim=1))
     index, best, second = module.nearest_two(a.contiguous(), codes_t, half_sq)
     scores = (0.5 * codes.double().pow(2).sum(1)) - a.double() @ codes.double().t()
     expected = scores.argmin(dim=1)
@@ -160,16 +160,17 @@ def _self_check(module: ModuleType) -> None:
         raise RuntimeError("self-check: kernel results differ from the fp64 reference")
 
 
-def pad_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``codes`` (K x D, fp32, already shifted) as the kernel's ``codes_t`` (D x K_pad) and
-    ``half_sq`` (K_pad) with ``+inf`` on the padding, so padding never wins."""
+def pad_codes(codes: torch.Tensor, half_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``codes`` (K x D, fp32, already shifted) and their ``half_sq`` ``|c|^2 / 2`` (K) as the
+    kernel's ``codes_t`` (D x K_pad) and ``half_sq`` (K_pad) with ``+inf`` on the padding, so
+    padding never wins."""
     k, d = codes.shape
     padded = -(-max(k, 1) // LANES) * LANES
     codes_t = torch.zeros(d, padded, dtype=torch.float32)
     codes_t[:, :k] = codes.t()
-    half_sq = torch.full((padded,), float("inf"), dtype=torch.float32)
-    half_sq[:k] = 0.5 * (codes * codes).sum(dim=1)
-    return codes_t, half_sq
+    padded_half_sq = torch.full((padded,), float("inf"), dtype=torch.float32)
+    padded_half_sq[:k] = half_sq
+    return codes_t, padded_half_sq
 
 
 def failure_reason(err: BaseException) -> str:

@@ -187,7 +187,8 @@ def _fused_cpu_argmin(
     k = prepared.num_codes
     if a.device.type != "cpu" or a.shape[1] > MAX_KERNEL_DIM or a.shape[0] == 0 or k == 0:
         return None
-    codes_t, half_sq = cpu_kernel.pad_codes(prepared.codes[:k])
+    # The half norms prepare_codes already computed: the very h_j the error bound is about.
+    codes_t, half_sq = cpu_kernel.pad_codes(prepared.codes[:k], prepared.half_sq[:k, 0])
     fused = cpu_kernel.nearest_two(a, codes_t, half_sq)
     if fused is None:
         return None

@@ -27,7 +27,7 @@ from provq_lightning.run_report import (
     report_runs,
     run_cli,
     scalar_series,  # noqa: F401  (re-exported: the report's curves read it, and so do tests)
-    )
+)
 
 PROG = "python -m provq_lightning.image.report"
 

@@ -15,7 +15,6 @@ probe can read. Chains are tokenized whole (no crop), as ``provq-tokenize`` does
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.run_report import parse_runs, spread
+from provq_lightning.run_report import parse_runs, run_cli, spread
 
 SSE_CLASSES = ("helix", "strand", "coil")
 NO_LABEL = -1  # no CA, or P-SEA gave no label
@@ -330,11 +329,7 @@ def _probe(argv: list[str] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        _probe(argv)
-    except ProvqError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    run_cli(PROG, _probe, argv)
 
 
 if __name__ == "__main__":
