@@ -18,7 +18,6 @@ assignment of each one's centres).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -124,25 +123,21 @@ def bench_search(args) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def cpu_kernel_off():
-    """provq's search without its fused CPU kernel: the blocked torch path (GPU-like code, and
-    what runs where no C++ compiler is available)."""
-    previous = os.environ.get("PROVQ_CPU_KERNEL")
-    os.environ["PROVQ_CPU_KERNEL"] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["PROVQ_CPU_KERNEL"]
-        else:
-            os.environ["PROVQ_CPU_KERNEL"] = previous
-
-
 def without_kernel(fn):
+    """``fn`` run by provq's search without its fused CPU kernel: the blocked torch path (the
+    GPU code, and what runs where no C++ compiler is available)."""
+    from provq_lightning.cpu_kernel import ENV_SWITCH
+
     def run():
-        with cpu_kernel_off():
+        previous = os.environ.get(ENV_SWITCH)
+        os.environ[ENV_SWITCH] = "0"
+        try:
             return fn()
+        finally:
+            if previous is None:
+                del os.environ[ENV_SWITCH]
+            else:
+                os.environ[ENV_SWITCH] = previous
     return run
 
 

@@ -13,7 +13,7 @@ Reliability rules:
 * every process builds in its own temporary folder and moves the result into the cache
   atomically, so a run killed mid-build leaves no lock or half-written file behind (its
   folder is removed by the next build, an hour later or more);
-* after loading, the kernel must agree with the torch path on a small problem with ties;
+* after loading, the kernel must agree with an fp64 argmin on a small problem with ties;
 * any failure (no compiler, a failed build or self-check) logs one warning and provq keeps its
   torch search; a failure is noted next to the cache entry (``<name>.failed``), so other
   processes do not repeat a failing build for a day. ``PROVQ_CPU_KERNEL=0`` turns the kernel
