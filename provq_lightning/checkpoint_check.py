@@ -9,14 +9,12 @@ no tensor is read), so it is cheap enough to run before every load, resume inclu
 
 from __future__ import annotations
 
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from provq_lightning.errors import ProvqError
+from provq_lightning.safe_load import load_weights_only
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since 1.6 is a zip archive
 LEGACY_MAGIC = b"\x80"  # the older format is a bare pickle stream (protocol >= 2)
@@ -70,14 +68,8 @@ def check_checkpoint_file(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
     """The checkpoint's dict (with ``state_dict``); every failure is one line naming ``path``."""
     path = check_checkpoint_file(path)
-    try:
-        # Lightning checkpoints hold hyper-parameters and callback states, not only tensors.
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except (EOFError, pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile) as err:
-        raise ProvqError(
-            f"checkpoint {path} cannot be read ({_first_line(err)}); it is truncated or "
-            "corrupt: use an earlier checkpoint or re-run"
-        ) from None
+    # provq's checkpoints hold only tensors, containers and primitives: never unpickle code.
+    payload = load_weights_only(path, "checkpoint", map_location)
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise ProvqError(f"checkpoint {path} has no state_dict, not a Lightning checkpoint; {FIX}")
     return payload

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import socket
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from provq_lightning.checkpoint_check import check_checkpoint_file
 from provq_lightning.errors import ProvqError
+from provq_lightning.safe_load import load_weights_only, refusal
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +214,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
+        # weights_only is forced: a checkpoint may come from a colleague, and Lightning's own
+        # default unpickles remote files (and local ones on torch < 2.6).
         if not _is_local_file_protocol(path):
-            return super().load_checkpoint(path, map_location, weights_only)
+            try:
+                return super().load_checkpoint(path, map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise (refusal(path, err, "checkpoint") or err) from None
         local = Path(url_to_fs(str(path))[1])
         # A run that starts by resuming here cleans up after the saves killed before it.
         remove_stale_temporaries(local.parent)
@@ -227,4 +234,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     f"not a checkpoint ({reason}), and cannot be loaded; resume from another "
                     "checkpoint (--ckpt_path PATH) or start a new run"
                 ) from None
-        return super().load_checkpoint(path, map_location, weights_only)
+            return load_weights_only(local, "checkpoint", map_location)
+        return super().load_checkpoint(path, map_location, weights_only=True)

@@ -21,8 +21,6 @@ discriminator (LlamaGen's ``NLayerDiscriminator.main.<i>`` is provq's
 from __future__ import annotations
 
 import argparse
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 
 from provq_lightning.errors import ProvqError
+from provq_lightning.safe_load import load_weights_only
 
 # Config syntax of ``ImageTokenizer(init_from=...)``: prefix -> checkpoint entry.
 INIT_FROM_PREFIXES = {"llamagen": "model", "llamagen-ema": "ema"}
@@ -70,15 +69,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ProvqError(f"LlamaGen checkpoint {path} not found; pass the .pt file written by "
                          "LlamaGen (e.g. vq_ds16_c2i.pt)")
-    try:
-        # vq_train.py stores its argparse.Namespace under "args": a plain attribute bag.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (EOFError, pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile) as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-        raise ProvqError(f"LlamaGen checkpoint {path} cannot be loaded with weights_only=True "
-                         f"({type(err).__name__}: {first}); pass an unmodified LlamaGen .pt "
-                         "file") from None
+    # vq_train.py stores its argparse.Namespace under "args": a plain attribute bag.
+    payload = load_weights_only(path, "LlamaGen checkpoint", allowed_globals=[argparse.Namespace])
     if not isinstance(payload, dict):
         raise ProvqError(f"LlamaGen checkpoint {path} holds a {type(payload).__name__}, not a "
                          "dict with a 'model' entry; pass a LlamaGen vq_train.py checkpoint")

@@ -24,6 +24,8 @@ import torchvision
 from torch import nn
 from torchvision.models.inception import InceptionE
 
+from provq_lightning.safe_load import load_weights_only
+
 VGG16_FILE = "vgg16-397923af.pth"
 FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 LPIPS_VGG_SLICES = (range(0, 4), range(4, 9), range(9, 16), range(16, 23), range(23, 30))
@@ -51,7 +53,7 @@ def locate_weights(path: str | os.PathLike | None, filename: str, what: str, dis
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_only(path, "pretrained weights file")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return state

@@ -37,6 +37,7 @@ from provq_lightning.protein.parsing import (
     parse_structure,
     strip_suffixes,
 )
+from provq_lightning.safe_load import load_weights_only
 
 log = logging.getLogger("provq.protein")
 
@@ -294,7 +295,7 @@ def unpack_chain(shard: dict, i: int) -> ProteinChain:
 def load_shard(path: Path | str) -> dict:
     # mmap: a rank touches only the pages of the chains it reads.
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return load_weights_only(path, "structure cache shard", mmap=True)
     except FileNotFoundError:
         # The cache is found at setup; a shard gone since (a cleanup job, a deleted working
         # directory under a relative cache_dir) would otherwise stop the run with a traceback.

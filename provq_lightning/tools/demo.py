@@ -123,6 +123,7 @@ def embedding_panel(out: Path, variants: list[str], seed: int, path: Path) -> No
     """One panel per variant: final encoder embeddings and codebook (the paper's Figure 3)."""
     import matplotlib.pyplot as plt
 
+    from provq_lightning.checkpoint_check import load_checkpoint
     from provq_lightning.datamodules.topodisc import make_topodisc
     from provq_lightning.plots import embedding_figure
     from provq_lightning.topodisc import TopoDiscTokenizer
@@ -132,7 +133,10 @@ def embedding_panel(out: Path, variants: list[str], seed: int, path: Path) -> No
     points, labels = make_topodisc(seed=seed + 10_000)
     for ax, variant in zip(axes, variants, strict=True):
         ckpt = run_dir(out, variant, seed) / "checkpoints" / "last.ckpt"
-        model = TopoDiscTokenizer.load_from_checkpoint(ckpt, map_location="cpu").eval()
+        payload = load_checkpoint(ckpt)  # weights-only, like every file provq reads
+        model = TopoDiscTokenizer(**payload["hyper_parameters"])
+        model.load_state_dict(payload["state_dict"])
+        model.eval()
         with torch.no_grad():
             latents = model.quantizer.prepare(model.encoder(points))
         tri = json.loads((run_dir(out, variant, seed) / "metrics.json").read_text())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import io
 import os
-import pickle
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from provq_lightning import checkpoint_io as cio
 from provq_lightning.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from provq_lightning.errors import ProvqError
+from provq_lightning.safe_load import UnsafeFileError
 from provq_lightning.tools.fit import provq_plugins
 
 OLD = {"global_step": 1, "state_dict": {"w": torch.zeros(4)}}
@@ -231,16 +231,17 @@ def test_an_unreadable_checkpoint_is_one_line_naming_it(tmp_path: Path, content:
     assert "\n" not in msg and str(bad) in msg and "truncated or not a checkpoint" in msg
 
 
-def test_loading_keeps_lightnings_behaviour_otherwise(tmp_path: Path) -> None:
+def test_loading_refuses_code_and_keeps_lightnings_missing_file_error(tmp_path: Path) -> None:
     io_ = AtomicCheckpointIO()
     with pytest.raises(FileNotFoundError):
         io_.load_checkpoint(tmp_path / "missing.ckpt")
     path = tmp_path / "obj.ckpt"
     io_.save_checkpoint({"global_step": 3, "extra": NotAllowed()}, path)
-    # A sound file that weights_only refuses is Lightning's/torch's error, not "truncated".
-    with pytest.raises(pickle.UnpicklingError):
-        io_.load_checkpoint(path, weights_only=True)
-    assert io_.load_checkpoint(path, weights_only=False)["global_step"] == 3
+    # A sound file that needs unpickling is refused, naming the global, whatever the caller
+    # asks for: provq never unpickles a checkpoint (it may come from a colleague).
+    for weights_only in (True, False, None):
+        with pytest.raises(UnsafeFileError, match="NotAllowed"):
+            io_.load_checkpoint(path, weights_only=weights_only)
     io_.remove_checkpoint(path)
     assert not path.exists()
 
