@@ -10,7 +10,7 @@ SEEDS ?= 0 1 2 3 4
 
 # constraints.txt pins the torch/torchvision pair tested on the project's machine (setup.cfg only
 # gives ranges, so a cluster's own torch build is kept when provq is installed next to it).
-$(STAMP): setup.cfg pyproject.toml constraints.txt
+$(STAMP): setup.py setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"

@@ -61,7 +61,7 @@ def make_case(case: str, n: int, k: int, d: int, device: torch.device):
     z = (3.0 + torch.randn(n, d, generator=g)).to(device)
     codes = (3.0 + torch.randn(k, d, generator=g)).to(device)
     if case == "provq":
-        from provq_lightning.quantizer import VectorQuantizer
+        from provq_lightning.vq.quantizer import VectorQuantizer
 
         vq = VectorQuantizer(k, d).to(device).train()
         vq.set_codebook(codes)
@@ -126,7 +126,7 @@ def bench_search(args) -> list[dict]:
 def without_kernel(fn):
     """``fn`` run by provq's search without its fused CPU kernel: the blocked torch path (the
     GPU code, and what runs where no C++ compiler is available)."""
-    from provq_lightning.cpu_kernel import ENV_SWITCH
+    from provq_lightning.vq.cpu_kernel import ENV_SWITCH
 
     def run():
         previous = os.environ.get(ENV_SWITCH)
@@ -159,7 +159,7 @@ def median_times(fns: dict, repeats: int, device: torch.device) -> dict:
 def bench_search_faiss(args) -> dict:
     import faiss
 
-    from provq_lightning.search import nearest_code
+    from provq_lightning.vq.search import nearest_code
 
     g = torch.Generator().manual_seed(0)
     z = 3.0 + torch.randn(args.n, args.d, generator=g)
@@ -226,8 +226,8 @@ def clustered(n: int, d: int, seed: int = 0) -> torch.Tensor:
 def bench_kmeans(args, n: int, k: int) -> dict:
     import faiss
 
-    from provq_lightning.kmeans import kmeans
-    from provq_lightning.search import nearest_code
+    from provq_lightning.vq.kmeans import kmeans
+    from provq_lightning.vq.search import nearest_code
 
     x = clustered(n, args.d)
     dev = torch.device(args.device)

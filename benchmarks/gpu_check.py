@@ -8,9 +8,9 @@ Parts, in order of priority (each one is skipped, and says so, when the time bud
    images/s and peak memory of a Lightning ``Trainer`` against a bare PyTorch loop doing the
    same work on the same weights and batches. The batch is sized from the free GPU memory.
 2. Nearest-code search (N latents x K=16384 codes, D=8, l2-normalised like VQ-16):
-   ``provq_lightning.search.nearest_code`` against ``torch.cdist(z, codes).argmin(1)``, with the
+   ``provq_lightning.vq.search.nearest_code`` against ``torch.cdist(z, codes).argmin(1)``, with the
    share of assignments equal to fp64's; k-means (262,144 x 8 -> K=16384, 20 Lloyd iterations)
-   with ``provq_lightning.kmeans.kmeans`` against a plain Lloyd loop on ``torch.cdist``.
+   with ``provq_lightning.vq.kmeans.kmeans`` against a plain Lloyd loop on ``torch.cdist``.
 3. The same after ``torch.compile``: the cdist baseline compiled, then the training step with
    ``compile: true`` (encoder and decoder) in both loops.
 
@@ -312,8 +312,8 @@ def search_chunk(n: int, k: int, device: torch.device) -> int:
 
 def bench_quantizer(sizes: Sizes, device: torch.device, backend: str | None,
                     report: Report) -> None:
-    from provq_lightning.kmeans import kmeans
-    from provq_lightning.search import nearest_code
+    from provq_lightning.vq.kmeans import kmeans
+    from provq_lightning.vq.search import nearest_code
 
     g = torch.Generator().manual_seed(0)
     k, d = sizes.num_codes, sizes.code_dim

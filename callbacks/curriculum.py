@@ -27,11 +27,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from provq_lightning import distributed
 from provq_lightning.errors import ProvqError
-from provq_lightning.kmeans import kmeans
 from provq_lightning.schedules import SCHEDULES, Phase, alpha_at, omega, phase_at
 from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.vq import distributed
+from provq_lightning.vq.kmeans import kmeans
 
 # The settings that shape a run's trajectory: saved in every checkpoint, fixed for the run.
 TRAJECTORY_SETTINGS = (

@@ -15,7 +15,7 @@ the final) metrics, and a crashed run still leaves its last ones. Keys:
   callback with a public ``requeued`` attribute set True, e.g. on SLURM preemption). The final
   status is written even when the run ends before any validation. ``provq-fit validate|test``
   leave it as the fit left it (in a directory without a fit they write ``finished``); the CLI
-  gives them their own directory (``provq_lightning.eval_dir``), so a fit's file is its own.
+  gives them their own directory (``provq_lightning.runs.eval_dir``), so a fit's file is its own.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from provq_lightning.checkpoint_io import write_json_atomic
+from provq_lightning.runs.checkpoint_io import write_json_atomic
 
 PREFIXES = ("val/", "test/")
 # Keys that are not metrics; readers that want numbers only skip them.

@@ -3,7 +3,7 @@
 ``provq-fit predict`` adds one by default (unless the config brings its own prediction writer);
 each model's ``predict_step`` returns ``(key, codes)`` pairs from its ``tokenize_batch`` hook and
 this callback hands them to ``provq-tokenize``'s own ``CodeWriter``, so the output folder reads
-back with ``provq-decode`` and ``provq_lightning.token_reader`` like any ``provq-tokenize``
+back with ``provq-decode`` and ``provq_lightning.tokens.reader`` like any ``provq-tokenize``
 output. Configure it like any callback, e.g.::
 
     provq-fit predict --config run/config.yaml --ckpt_path run/checkpoints/last.ckpt \\
@@ -21,8 +21,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.token_reader import FORMATS
-from provq_lightning.token_writer import CodeWriter, code_dtype
+from provq_lightning.tokens.reader import FORMATS
+from provq_lightning.tokens.writer import CodeWriter, code_dtype
 
 
 class CodePredictionWriter(BasePredictionWriter):

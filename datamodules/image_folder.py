@@ -9,7 +9,7 @@ recursively, any file names, no classes needed).
 Training reads through an ``EpochSampler`` (``DistributedSampler``'s epoch-seeded order, ranks
 interleaved under DDP) behind a resumable loader: a run resumed mid-epoch from a checkpoint
 continues with the batches and crops the uninterrupted run would have used (see
-``provq_lightning.stream_position``). Unreadable images fail loudly here: a small folder is
+``provq_lightning.data.stream_position``). Unreadable images fail loudly here: a small folder is
 meant to be clean (stream shards for large, messy sets).
 """
 
@@ -25,6 +25,12 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from provq_lightning.data.stream_position import (
+    SamplerLoader,
+    StreamPosition,
+    note_training_batch,
+    resumable_sampler_loader,
+)
 from provq_lightning.datamodules.imagenet import read_class_list, resolve_path
 from provq_lightning.errors import ProvqError
 from provq_lightning.image.make_shards import IMAGE_SUFFIXES, SourceImage, find_images
@@ -34,12 +40,6 @@ from provq_lightning.image.transforms import (
     decode_image,
     random_crop,
     to_uint8_tensor,
-)
-from provq_lightning.stream_position import (
-    SamplerLoader,
-    StreamPosition,
-    note_training_batch,
-    resumable_sampler_loader,
 )
 
 

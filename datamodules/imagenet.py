@@ -8,7 +8,7 @@ counted and logged with its shard and key; its rank then tops its last batch up 
 already decoded this epoch, so the batch count stays fixed. A shard that ends early is logged
 with the number of planned samples lost, and they count as skipped.
 
-Resuming mid-epoch: the training loader is resumable (``provq_lightning.stream_position``): the
+Resuming mid-epoch: the training loader is resumable (``provq_lightning.data.stream_position``): the
 checkpoint holds the epoch and, per rank and loader worker, the batches the training steps took
 and the corrupt samples met in them. On resume each worker replays its stream without decoding:
 it reads the tar bytes of the samples it had delivered, draws their crop randomness (so the
@@ -33,7 +33,13 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from provq_lightning.data_paths import resolve_data_path
+from provq_lightning.data.paths import experiments_parent, resolve_data_path
+from provq_lightning.data.stream_position import (
+    ResumableLoader,
+    SlotStart,
+    StreamPosition,
+    note_training_batch,
+)
 from provq_lightning.image import shards as sh
 from provq_lightning.image.transforms import (
     UndecodableImage,
@@ -42,17 +48,8 @@ from provq_lightning.image.transforms import (
     random_crop,
     to_uint8_tensor,
 )
-from provq_lightning.stream_position import (
-    ResumableLoader,
-    SlotStart,
-    StreamPosition,
-    note_training_batch,
-)
 
 log = logging.getLogger("provq.data")
-# The relative-path fallback: the repository root in a checkout; in an installed wheel the
-# package, whose experiments/ holds the class lists the shipped configs name.
-REPO_ROOT = Path(__file__).resolve().parents[1]
 REST_OF_SHARD = "<rest of shard>"
 # rng.random() calls random_crop makes per image (scale, left, top, flip): a sample skipped on
 # resume draws them without being decoded. tests/image/test_stream_resume.py checks the count.
@@ -61,8 +58,9 @@ CROP_DRAWS = 4
 
 def resolve_path(path: str | Path) -> Path:
     """Config paths: ``../shared/data/...`` honours ``PROVQ_SHARED_DATA``; relative paths are
-    taken from the working directory when they exist there, else from ``REPO_ROOT``."""
-    return resolve_data_path(path, root=REPO_ROOT)
+    taken from the working directory when they exist there, else from the folder holding the
+    shipped ``experiments/`` (whose class lists the shipped configs name)."""
+    return resolve_data_path(path, root=experiments_parent())
 
 
 def read_class_list(path: str | Path) -> frozenset[str]:
@@ -330,7 +328,7 @@ class EpochLoader(DataLoader):
 
 class ResumableShardLoader(ResumableLoader):
     """The training loader: ``EpochLoader``'s contract plus its position in checkpoints (one
-    slot per loader worker; see ``provq_lightning.stream_position``)."""
+    slot per loader worker; see ``provq_lightning.data.stream_position``)."""
 
     def layout(self, world_size: int) -> dict[str, int]:
         return {**super().layout(world_size), "batch_size": self.dataset.batch_size}

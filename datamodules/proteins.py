@@ -8,7 +8,7 @@ first window, so their metrics are deterministic.
 
 Resuming mid-epoch: training reads through an ``EpochSampler`` (``DistributedSampler``'s
 epoch-seeded order, so under DDP the order is the one Lightning's own sampler gave) behind a
-resumable loader (``provq_lightning.stream_position``): the checkpoint holds the epoch and the
+resumable loader (``provq_lightning.data.stream_position``): the checkpoint holds the epoch and the
 batches taken, and a resumed run drops those indices without loading them. Each training index
 carries a seed for its crop window, so the resumed run also crops exactly as the uninterrupted
 one would have.
@@ -29,6 +29,13 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
+from provq_lightning.data.paths import resolve_data_path
+from provq_lightning.data.stream_position import (
+    SamplerLoader,
+    StreamPosition,
+    note_training_batch,
+    resumable_sampler_loader,
+)
 from provq_lightning.errors import ProvqError
 from provq_lightning.protein.cache import (
     CacheSettings,
@@ -42,13 +49,6 @@ from provq_lightning.protein.cache import (
     unpack_chain,
 )
 from provq_lightning.protein.parsing import ParseOptions
-from provq_lightning.protein.paths import resolve_data_path
-from provq_lightning.stream_position import (
-    SamplerLoader,
-    StreamPosition,
-    note_training_batch,
-    resumable_sampler_loader,
-)
 
 log = logging.getLogger("provq.protein")
 

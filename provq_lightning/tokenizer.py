@@ -14,7 +14,6 @@ hook. Nothing else holds curriculum state.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,10 +24,10 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import Metric
 
-from provq_lightning.codebook_metrics import CodebookUsage, mean_pairwise_distance
-from provq_lightning.image_log import log_histogram
-from provq_lightning.quantizer import QuantizerOutput, VectorQuantizer
+from provq_lightning.reporting.figures import log_histogram
 from provq_lightning.schedules import Phase
+from provq_lightning.vq.codebook_metrics import CodebookUsage, mean_pairwise_distance
+from provq_lightning.vq.quantizer import QuantizerOutput, VectorQuantizer
 
 # What a modality must implement (beyond the quantizer handed to ``VQTokenizer.__init__``):
 # training, evaluation, and the hooks provq-tokenize, provq-decode and provq-fit predict call.
@@ -55,12 +54,6 @@ def missing_contract(cls: type) -> list[str]:
         ):
             missing.append(name)
     return missing
-
-
-def safe_file_name(key: str) -> str:
-    """``key`` with every character other than ASCII letters, digits, ``.``, ``_`` and ``-``
-    replaced by ``_``: the same file name for a key on every file system and modality."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", key)
 
 
 def zero_weight_term(module: torch.nn.Module) -> torch.Tensor:

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanSquaredError, Metric
 
-from provq_lightning.image_log import log_figure
-from provq_lightning.plots import embedding_figure
-from provq_lightning.quantizer import VectorQuantizer
-from provq_lightning.tokenizer import VQTokenizer, safe_file_name
+from provq_lightning.reporting.figures import log_figure
+from provq_lightning.reporting.plots import embedding_figure
+from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.tokens.names import safe_file_name
 from provq_lightning.topodisc_components import COMPONENT_NAMES
+from provq_lightning.vq.quantizer import VectorQuantizer
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:

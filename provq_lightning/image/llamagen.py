@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.safe_load import load_weights_only
+from provq_lightning.runs.safe_load import load_weights_only
 
 # Config syntax of ``ImageTokenizer(init_from=...)``: prefix -> checkpoint entry.
 INIT_FROM_PREFIXES = {"llamagen": "model", "llamagen-ema": "ema"}

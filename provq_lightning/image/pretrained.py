@@ -24,7 +24,7 @@ import torchvision
 from torch import nn
 from torchvision.models.inception import InceptionE
 
-from provq_lightning.safe_load import load_weights_only
+from provq_lightning.runs.safe_load import load_weights_only
 
 VGG16_FILE = "vgg16-397923af.pth"
 FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"

@@ -1,13 +1,14 @@
 """Compare image-tokenizer runs: a table of their final metrics, a recon grid, learning curves.
 
-Each ``NAME=RUN_DIR[,RUN_DIR...]`` is one variant; several run directories (seeds) give the
-mean and the spread (sample standard deviation) of each metric; ``provq_lightning.run_report``
-makes the tables and curves. It reads each run's ``metrics.json`` (final validation metrics,
-written by provq-fit) and the wall time between the first and last event of its TensorBoard
-file. ``--grid`` loads the first run of each variant (``checkpoints/last.ckpt``) and writes one
-PNG: the first ``--images`` validation photos (centre crops) on the top row, each variant's
-hard-quantized reconstruction below. ``--curve`` plots validation PSNR and codebook utilization
-against the step for every run, with the curriculum's warmup and transition ends marked.
+Each ``NAME=RUN_DIR[,RUN_DIR...]`` is one variant; several run directories (seeds) give the mean
+and the spread (sample standard deviation) of each metric;
+``provq_lightning.reporting.run_report`` makes the tables and curves. It reads each run's
+``metrics.json`` (final validation metrics, written by provq-fit) and the wall time between the
+first and last event of its TensorBoard file. ``--grid`` loads the first run of each variant
+(``checkpoints/last.ckpt``) and writes one PNG: the first ``--images`` validation photos (centre
+crops) on the top row, each variant's hard-quantized reconstruction below. ``--curve`` plots
+validation PSNR and codebook utilization against the step for every run, with the curriculum's
+warmup and transition ends marked.
 
     python -m provq_lightning.image.report ProVQ=runs/x/seed_0,runs/x/seed_1 \
         vanilla=runs/y/seed_0,runs/y/seed_1 --grid grid.png --curve curve.png
@@ -20,14 +21,14 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from provq_lightning.codebook_metrics import CODEBOOK_REPORT_COLUMNS
-from provq_lightning.run_report import (
+from provq_lightning.reporting.run_report import (
     read_metrics,
     report_parser,
     report_runs,
     run_cli,
     scalar_series,  # noqa: F401  (re-exported: the report's curves read it, and so do tests)
 )
+from provq_lightning.vq.codebook_metrics import CODEBOOK_REPORT_COLUMNS
 
 PROG = "python -m provq_lightning.image.report"
 
@@ -71,7 +72,7 @@ def read_run(run_dir: Path) -> dict[str, float]:
 # -- reconstruction grid --------------------------------------------------------------------
 def validation_images(cfg: dict, n: int) -> torch.Tensor:
     """The first ``n`` validation images (uint8, centre crops) of a run's datamodule."""
-    from provq_lightning.run_loading import dataloader
+    from provq_lightning.runs.loading import dataloader
 
     loader, _ = dataloader(cfg, "val")
     images = []
@@ -97,7 +98,7 @@ def labelled_row(images: torch.Tensor, label: str) -> Image.Image:
 def reconstruction_grid(run_dirs: dict[str, Path], n: int) -> Image.Image:
     """Originals, then one row per variant (its run in ``run_dirs``)."""
     from provq_lightning.image.transforms import to_model_range
-    from provq_lightning.run_loading import load_run
+    from provq_lightning.runs.loading import load_run
 
     rows, originals = [], None
     for name, run_dir in run_dirs.items():

@@ -350,7 +350,7 @@ def load_tokenizer(
         model = ImageTokenizer.from_llamagen(args.llamagen, weights=weights, eval_fid=False,
                                              eval_lpips=False, lpips_weight=0.0)
         return model.to(device).eval().reconstruct, str(args.llamagen), weights
-    from provq_lightning.run_loading import load_run
+    from provq_lightning.runs.loading import load_run
 
     model, _ = load_run(args.ckpt, args.config, None, str(device))
     model = model.to(device).eval()

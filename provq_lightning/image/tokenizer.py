@@ -30,9 +30,10 @@ from provq_lightning.image.losses import VQGANLoss, rename_old_discriminator_key
 from provq_lightning.image.metrics import frozen_nets
 from provq_lightning.image.transforms import pairs_grid, to_model_range, to_uint8_image
 from provq_lightning.image.vqgan import Decoder, Encoder
-from provq_lightning.image_log import log_figure
-from provq_lightning.quantizer import VectorQuantizer
-from provq_lightning.tokenizer import VQTokenizer, safe_file_name
+from provq_lightning.reporting.figures import log_figure
+from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.tokens.names import safe_file_name
+from provq_lightning.vq.quantizer import VectorQuantizer
 
 
 def batch_images(batch: dict[str, Any]) -> int:

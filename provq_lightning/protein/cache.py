@@ -37,7 +37,7 @@ from provq_lightning.protein.parsing import (
     parse_structure,
     strip_suffixes,
 )
-from provq_lightning.safe_load import load_weights_only
+from provq_lightning.runs.safe_load import load_weights_only
 
 log = logging.getLogger("provq.protein")
 

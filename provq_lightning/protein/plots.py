@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-import provq_lightning.plots  # noqa: F401  (selects the headless matplotlib backend first)
+import provq_lightning.reporting.plots  # noqa: F401  (selects the headless matplotlib backend first)
 from provq_lightning.protein.geometry import kabsch
 from provq_lightning.protein.metrics import backbone_rmsd, lddt_ca, tm_score_ca
 

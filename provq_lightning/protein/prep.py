@@ -17,10 +17,10 @@ import os
 import sys
 from pathlib import Path
 
+from provq_lightning.data.paths import resolve_data_path
 from provq_lightning.errors import ProvqError
 from provq_lightning.protein.cache import CacheSettings, counts_line, log_ignored, prepare_cache
 from provq_lightning.protein.parsing import ALTLOC_POLICIES, ParseOptions
-from provq_lightning.protein.paths import resolve_data_path
 
 
 def read_chain_list(value: str | None) -> tuple[str, ...] | None:

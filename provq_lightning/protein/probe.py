@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.run_report import parse_runs, run_cli, spread
+from provq_lightning.reporting.run_report import parse_runs, run_cli, spread
 
 SSE_CLASSES = ("helix", "strand", "coil")
 NO_LABEL = -1  # no CA, or P-SEA gave no label
@@ -222,7 +222,7 @@ def check_run_dir(run_dir: Path) -> Path:
 def probe_run(run_dir: Path, progress: Any = None) -> ProbeResult:
     """Tokens and P-SEA labels of the run's train and validation splits, the probe, the MI."""
     from provq_lightning.protein.tokenizer import ProteinTokenizer
-    from provq_lightning.run_loading import dataloader, load_run
+    from provq_lightning.runs.loading import dataloader, load_run
 
     ckpt = check_run_dir(run_dir)
     model, cfg = load_run(ckpt, None, None, "cpu")

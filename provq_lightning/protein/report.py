@@ -1,11 +1,12 @@
 """Compare structure-tokenizer runs: a table of their final metrics and learning curves.
 
-Each ``NAME=RUN_DIR[,RUN_DIR...]`` is one variant; several run directories (seeds) give the
-mean and the spread (sample standard deviation) of each metric; ``provq_lightning.run_report``
-makes the tables and curves. It reads each run's ``metrics.json`` (final validation metrics,
-written by provq-fit) and, when the config has the ``FitTimeCallback``, its ``timing.json`` (CPU
-and wall seconds of the fit). ``--curve`` plots validation CA lDDT and codebook utilization
-against the step for every run, with the curriculum's warmup and transition ends marked.
+Each ``NAME=RUN_DIR[,RUN_DIR...]`` is one variant; several run directories (seeds) give the mean
+and the spread (sample standard deviation) of each metric;
+``provq_lightning.reporting.run_report`` makes the tables and curves. It reads each run's
+``metrics.json`` (final validation metrics, written by provq-fit) and, when the config has the
+``FitTimeCallback``, its ``timing.json`` (CPU and wall seconds of the fit). ``--curve`` plots
+validation CA lDDT and codebook utilization against the step for every run, with the
+curriculum's warmup and transition ends marked.
 
     python -m provq_lightning.protein.report ProVQ=runs/x/seed_0,runs/x/seed_1 \
         vanilla=runs/y/seed_0,runs/y/seed_1 --markdown table.md --curve curve.png
@@ -16,13 +17,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from provq_lightning.codebook_metrics import CODEBOOK_REPORT_COLUMNS
-from provq_lightning.run_report import (
+from provq_lightning.reporting.run_report import (
     read_metrics,
     report_parser,
     report_runs,
     run_cli,
 )
+from provq_lightning.vq.codebook_metrics import CODEBOOK_REPORT_COLUMNS
 
 PROG = "python -m provq_lightning.protein.report"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from provq_lightning.checkpoint_io import write_json_atomic
+from provq_lightning.runs.checkpoint_io import write_json_atomic
 
 
 class FitTimeCallback(Callback):

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torchmetrics import Metric
 
-from provq_lightning.image_log import log_figure
 from provq_lightning.protein.decoder import StructureDecoder
 from provq_lightning.protein.encoder import StructureEncoder
 from provq_lightning.protein.geometry import backbone_with_oxygen
@@ -29,8 +28,10 @@ from provq_lightning.protein.losses import (
 from provq_lightning.protein.metrics import CALDDT, BackboneRMSD, TMScore
 from provq_lightning.protein.pdb_io import write_backbone_pdb
 from provq_lightning.protein.plots import chain_figure
-from provq_lightning.quantizer import VectorQuantizer
-from provq_lightning.tokenizer import VQTokenizer, safe_file_name
+from provq_lightning.reporting.figures import log_figure
+from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.tokens.names import safe_file_name
+from provq_lightning.vq.quantizer import VectorQuantizer
 
 VARIANTS = ("vanilla", "aminoaseed")
 MISSING_TOKEN = -1  # residues without a backbone frame have no code

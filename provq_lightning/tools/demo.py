@@ -123,9 +123,9 @@ def embedding_panel(out: Path, variants: list[str], seed: int, path: Path) -> No
     """One panel per variant: final encoder embeddings and codebook (the paper's Figure 3)."""
     import matplotlib.pyplot as plt
 
-    from provq_lightning.checkpoint_check import load_checkpoint
     from provq_lightning.datamodules.topodisc import make_topodisc
-    from provq_lightning.plots import embedding_figure
+    from provq_lightning.reporting.plots import embedding_figure
+    from provq_lightning.runs.checkpoint_check import load_checkpoint
     from provq_lightning.topodisc import TopoDiscTokenizer
 
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 4.4))

@@ -9,17 +9,14 @@ and datamodule work; ``--curriculum.<setting>`` overrides ProVQ's curriculum.
 
 from __future__ import annotations
 
-import atexit
 import importlib.metadata
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
@@ -28,23 +25,17 @@ from provq_lightning.callbacks.nonfinite import NonFiniteGuard
 from provq_lightning.callbacks.prediction_writer import CodePredictionWriter
 from provq_lightning.callbacks.preemption import PreemptionCheckpoint
 from provq_lightning.callbacks.resume import ResumeCallback
-from provq_lightning.checkpoint_check import check_checkpoint_file
-from provq_lightning.checkpoint_io import AtomicCheckpointIO
 from provq_lightning.errors import ProvqError
-from provq_lightning.eval_dir import (
-    EVAL_SUBDIR,
-    EVALUATING,
-    fit_run_written_by,
-    last_checkpoint,
-    new_eval_version,
-)
-from provq_lightning.run_dir import (
-    LAST_CHECKPOINT,
-    RunLock,
-    newest_resumable_run,
-    version_dir,
-    version_from_dir_name,
-    write_config_history,
+from provq_lightning.runs.checkpoint_check import check_checkpoint_file
+from provq_lightning.runs.checkpoint_io import AtomicCheckpointIO
+from provq_lightning.runs.config_history import ConfigHistoryCallback
+from provq_lightning.runs.eval_dir import EVALUATING
+from provq_lightning.runs.lock import RunLock, hold_run_lock, release_held_locks
+from provq_lightning.runs.resolve import (
+    clear_handoff,
+    is_launch_rank_zero,
+    redirect_evaluation,
+    resolve_last_checkpoint,
 )
 from provq_lightning.tools.curriculum_args import (
     ProvqArgumentParser,
@@ -119,56 +110,6 @@ def provq_plugins(config: dict[str, Any], configured: list[Any]) -> list[Any]:
     return [*plugins, AtomicCheckpointIO()]
 
 
-class ConfigHistoryCallback(SaveConfigCallback):
-    """Write ``config.yaml`` into the run directory, keeping earlier configs as ``config.N.yaml``.
-
-    A resumed fit writes it only after the checkpoint restored, so a resume that fails (another
-    ``num_codes``, changed curriculum settings) leaves the run's config as it was.
-    """
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.already_saved or (stage == "fit" and self.config.get("ckpt_path")):
-            return
-        self._write(trainer)
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.already_saved:
-            self._write(trainer)
-
-    def _write(self, trainer: Trainer) -> None:
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
-        if trainer.is_global_zero and log_dir is not None:
-            text = self.parser.dump(self.config, skip_none=False)
-            write_config_history(Path(log_dir) / self.config_filename, text)
-        self.already_saved = True
-
-
-def _is_launch_rank_zero() -> bool:
-    """Global rank 0 before any process group exists (from the launchers' variables)."""
-    names = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
-    return all(int(os.environ.get(name, "0") or 0) == 0 for name in names)
-
-
-def _logger_args(trainer_config: Any) -> Any | None:
-    """The init_args of a single TensorBoard/CSV-style logger config, else None."""
-    logger = trainer_config.get("logger") if trainer_config is not None else None
-    if isinstance(logger, list) and len(logger) == 1:
-        logger = logger[0]
-    init_args = getattr(logger, "init_args", None) if logger is not None else None
-    if init_args is None or not hasattr(init_args, "save_dir") or not hasattr(init_args, "name"):
-        return None
-    return init_args
-
-
-# Released by main() however the fit ends (atexit alone misses forked children's os._exit).
-_HELD_LOCKS: list[RunLock] = []
-
-# Set by rank 0's process so the ranks it launches resume the same run without looking again.
-_RESUME_ENV = "PROVQ_RESUME_VERSION"
-# Likewise the evaluation directory rank 0 chose (its name holds a time stamp).
-_EVAL_ENV = "PROVQ_EVAL_VERSION"
-
-
 class ProvqCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self.run_lock: RunLock | None = None
@@ -217,83 +158,22 @@ class ProvqCLI(LightningCLI):
             # Merged while parsing already; again here in case parsing skipped the hook.
             apply_curriculum_overrides(self.config[self.subcommand])
         if self.subcommand == "fit":
-            self._resolve_last_checkpoint(self.config["fit"])
+            resolve_last_checkpoint(self.config["fit"])
         if self.subcommand in EVALUATING:
-            self._redirect_evaluation(self.config[self.subcommand], self.subcommand)
+            redirect_evaluation(self.config[self.subcommand], self.subcommand)
         predict = self.config.get("predict") if self.subcommand == "predict" else None
         if predict is not None and predict.get("return_predictions") is None:
             # The writer saves the codes; keeping every batch's codes in memory too could
             # exhaust it on a large dataset, and the CLI discards them anyway.
             predict["return_predictions"] = False
 
-    @staticmethod
-    def _resolve_last_checkpoint(config: Any) -> None:
-        """``--ckpt_path last``: continue the newest run of the logger's name (or the pinned
-        version), in its own directory and TensorBoard run; with none, start fresh."""
-        if config.get("ckpt_path") != "last":
-            return
-        logger_args = _logger_args(config.get("trainer"))
-        if logger_args is None:
-            return  # no file-based logger: Lightning's own "last" lookup
-        save_dir, name = logger_args.save_dir or "runs", logger_args.name or ""
-        pinned = os.environ.get(_RESUME_ENV) or logger_args.version
-        if pinned is not None:
-            version = version_dir(pinned)
-            ckpt = Path(save_dir) / name / version / LAST_CHECKPOINT
-            target = ckpt if ckpt.is_file() else None
-        else:
-            found = newest_resumable_run(save_dir, name)
-            version = found.version if found else None
-            target = found.checkpoint if found else None
-        if target is None:
-            where = Path(save_dir) / name / (version or "")
-            print(f"[provq] --ckpt_path last: no last.ckpt under {where}; starting a fresh run")
-            config["ckpt_path"] = None
-            return
-        logger_args.version = version_from_dir_name(version)
-        config["ckpt_path"] = str(target)
-        os.environ[_RESUME_ENV] = version
-        if _is_launch_rank_zero():
-            print(f"[provq] --ckpt_path last: resuming {target}")
-
-    @staticmethod
-    def _redirect_evaluation(config: Any, subcommand: str) -> None:
-        """validate/test/predict never write into a fit's run directory: its metrics.json,
-        config.yaml and events stay the fit's; the evaluation gets ``<run>/eval/<name>``
-        (see ``provq_lightning.eval_dir``)."""
-        logger_args = _logger_args(config.get("trainer"))
-        if logger_args is None:
-            return  # no file-based logger: nothing is written into a run directory
-        save_dir, name = logger_args.save_dir or "runs", logger_args.name or ""
-        if config.get("ckpt_path") == "last":
-            # Lightning would look for last.ckpt in the evaluation's own (new) directory.
-            found = last_checkpoint(save_dir, name, logger_args.version)
-            if found is None:
-                raise ProvqError(
-                    f"--ckpt_path last: no run with a last.ckpt under {Path(save_dir) / name}; "
-                    "give the checkpoint's path (--ckpt_path <run>/checkpoints/last.ckpt)"
-                )
-            config["ckpt_path"] = str(found)
-        run = fit_run_written_by(save_dir, name, logger_args.version, config.get("ckpt_path"))
-        if run is None:
-            return
-        version = os.environ.get(_EVAL_ENV) or new_eval_version(run, subcommand)
-        os.environ[_EVAL_ENV] = version
-        logger_args.save_dir, logger_args.name, logger_args.version = str(run), EVAL_SUBDIR, version
-        if _is_launch_rank_zero():
-            print(f"[provq] {subcommand} writes into {run / EVAL_SUBDIR / version}, never into "
-                  f"the fit's run directory {run}")
-
     def before_fit(self) -> None:
-        if not _is_launch_rank_zero():
+        if not is_launch_rank_zero():
             return
         log_dir = self.trainer.log_dir
         if log_dir is None:
             return
-        self.run_lock = RunLock(log_dir)
-        self.run_lock.acquire()
-        _HELD_LOCKS.append(self.run_lock)
-        atexit.register(self.run_lock.release)
+        self.run_lock = hold_run_lock(log_dir)
 
     def after_fit(self) -> None:
         if self.run_lock is not None:
@@ -368,10 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"provq-fit: error: {found}", file=sys.stderr)
         sys.exit(found.exit_code)
     finally:
-        while _HELD_LOCKS:
-            _HELD_LOCKS.pop().release()
-        os.environ.pop(_RESUME_ENV, None)  # in-process callers (tests) start clean next time
-        os.environ.pop(_EVAL_ENV, None)
+        release_held_locks()
+        clear_handoff()  # in-process callers (tests) start clean next time
 
 
 def _state_dict_mismatch(err: RuntimeError) -> ProvqError:

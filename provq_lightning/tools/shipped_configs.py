@@ -1,11 +1,12 @@
 """The experiment configs that ship with provq, found by name: ``provq-fit --config in1k_16x16``.
 
-The wheel carries ``experiments/`` as ``provq_lightning/experiments`` (a symlink in the
-repository), so an installed provq trains a shipped config without a checkout. A ``--config``
-value that exists relative to the working directory always wins; otherwise ``topodisc_provq``,
-``topodisc_provq.yaml``, ``in100/provq`` and ``experiments/in100/provq.yaml`` all name the
-shipped file. Paths inside a config (data, ``save_dir: runs``) stay relative to the working
-directory, as they are for a config given by path.
+The wheel carries ``experiments/`` as ``provq_lightning/experiments`` (a mapped folder in the
+repository, see setup.py), so an installed provq trains a shipped config without a checkout. A
+``--config`` value that exists relative to the working directory always wins; otherwise
+``topodisc_provq``, ``topodisc_provq.yaml``, ``in100/provq`` and
+``experiments/in100/provq.yaml`` all name the shipped file. Paths inside a config (data,
+``save_dir: runs``) stay relative to the working directory, as they are for a config given by
+path.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _EXAMPLES = ("topodisc_provq", "in1k_16x16", "in100/provq", "imagenet_sample_64p
 
 def shipped_root() -> Path:
     """The directory of the shipped configs (in a checkout: the repository's ``experiments/``)."""
-    return Path(str(files("provq_lightning") / "experiments"))
+    return Path(str(files("provq_lightning.experiments")))
 
 
 def shipped_names() -> list[str]:

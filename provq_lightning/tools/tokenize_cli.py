@@ -7,7 +7,7 @@ weights from a checkpoint, and the work from two members of the tokenizer contra
 ``tokenize_batch(batch) -> [(key, int codes)]`` and
 ``decode_tokens_to_file(key, codes, out_dir) -> path``.
 
-Output formats (``--format``; written by ``provq_lightning.token_writer``), each with
+Output formats (``--format``; written by ``provq_lightning.tokens.writer``), each with
 ``meta.json`` (format, number of codes, code shape):
 
 - ``npy``: ``codes/<key>.npy`` per item plus ``index.jsonl`` (key, file, shape per line);
@@ -36,9 +36,9 @@ from lightning.pytorch import LightningModule
 from rich.progress import Progress
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.run_loading import dataloader, load_run
-from provq_lightning.token_reader import FORMATS, RETOKENIZE, read_codes, read_meta
-from provq_lightning.token_writer import CodeWriter, code_dtype
+from provq_lightning.runs.loading import dataloader, load_run
+from provq_lightning.tokens.reader import FORMATS, RETOKENIZE, read_codes, read_meta
+from provq_lightning.tokens.writer import CodeWriter, code_dtype
 
 SPLITS = ("predict", "val", "test", "train")
 LLAMAGEN = "llamagen"  # written by provq-tokenize only: LlamaGen's layout, not read back

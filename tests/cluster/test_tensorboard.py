@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from provq_lightning.codebook_metrics import CODEBOOK_METRIC_NAMES
+from provq_lightning.vq.codebook_metrics import CODEBOOK_METRIC_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 WARMUP, TRANSITION, STEPS = 20, 20, 60

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from provq_lightning.codebook_metrics import CODEBOOK_METRIC_NAMES
+from provq_lightning.vq.codebook_metrics import CODEBOOK_METRIC_NAMES
 from tests.helpers import cli_in_process
 
 REPO = Path(__file__).resolve().parents[2]

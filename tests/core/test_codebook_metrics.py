@@ -3,7 +3,11 @@ import math
 import pytest
 import torch
 
-from provq_lightning.codebook_metrics import CodebookUsage, mean_pairwise_distance, usage_statistics
+from provq_lightning.vq.codebook_metrics import (
+    CodebookUsage,
+    mean_pairwise_distance,
+    usage_statistics,
+)
 
 
 def test_usage_statistics_of_a_known_histogram():

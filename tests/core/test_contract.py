@@ -10,7 +10,7 @@ import yaml
 from provq_lightning.errors import ProvqError
 from provq_lightning.image.tokenizer import ImageTokenizer
 from provq_lightning.protein.tokenizer import ProteinTokenizer
-from provq_lightning.run_loading import load_run
+from provq_lightning.runs.loading import load_run
 from provq_lightning.tokenizer import CONTRACT, VQTokenizer, missing_contract
 from provq_lightning.topodisc import TopoDiscTokenizer
 

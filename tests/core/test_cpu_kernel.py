@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from provq_lightning import cpu_kernel
-from provq_lightning.search import PreparedCodes, blocked_argmin, prepare_codes
+from provq_lightning.vq import cpu_kernel
+from provq_lightning.vq.search import PreparedCodes, blocked_argmin, prepare_codes
 
 needs_kernel = pytest.mark.skipif(
     cpu_kernel.kernel() is None, reason="the fused CPU kernel could not be built here"
@@ -84,7 +84,7 @@ def test_failed_build_falls_back_with_one_warning_and_leaves_no_files(
         raise RuntimeError("Error building extension: c++: command not found")
 
     monkeypatch.setattr(ext, "load", no_compiler)
-    with caplog.at_level(logging.WARNING, logger="provq_lightning.cpu_kernel"):
+    with caplog.at_level(logging.WARNING, logger="provq_lightning.vq.cpu_kernel"):
         assert cpu_kernel.kernel() is None
         assert cpu_kernel.kernel() is None  # decided once per process
     unavailable = [r for r in caplog.records if "unavailable" in r.getMessage()]
@@ -115,7 +115,7 @@ def test_other_processes_do_not_repeat_a_failed_build(fresh_state, monkeypatch, 
     assert cpu_kernel.kernel() is None
     monkeypatch.setattr(cpu_kernel, "_state", {})  # a new process
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="provq_lightning.cpu_kernel"):
+    with caplog.at_level(logging.WARNING, logger="provq_lightning.vq.cpu_kernel"):
         assert cpu_kernel.kernel() is None
     assert len(builds) == 1
     (warning,) = [r.getMessage() for r in caplog.records]

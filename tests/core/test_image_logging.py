@@ -14,8 +14,8 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger
 from PIL import Image
 
-from provq_lightning.image_log import log_figure, log_histogram, to_pixels
-from provq_lightning.plots import embedding_figure
+from provq_lightning.reporting.figures import log_figure, log_histogram, to_pixels
+from provq_lightning.reporting.plots import embedding_figure
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 20, 10

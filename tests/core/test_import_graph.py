@@ -8,16 +8,27 @@ Three layers, each importing only from the ones below it:
   on the core, independent of each other;
 - ``provq_lightning.tools``: the entry points, which may import anything.
 
+Inside the core, rooms by concern (``vq/``, ``runs/``, ``tokens/``, ``reporting/``, ``data/``,
+the modalities ``image/`` and ``protein/``) keep their own rules: ``vq/`` imports nothing of provq
+but itself and ``errors`` and no Lightning; the modalities never import each other; ``runs/``,
+``tokens/``, ``reporting/`` and ``data/`` import no modality.
+
 The graph holds every import of a provq module, at module level or inside a function (a
 deferred import still ties the layers together), and has no cycle. ``callbacks/`` and
-``datamodules/`` are repository folders symlinked into the package; they are read from there.
+``datamodules/`` are repository folders mapped into the package (setup.py); they are read from
+there.
 """
 
 from __future__ import annotations
 
 import ast
+import re
+import shutil
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "provq_lightning"
@@ -35,6 +46,11 @@ FORBIDDEN = {
     DATAMODULES: {TOOLS, CALLBACKS},
     TOOLS: set(),
 }
+
+MODALITIES = ("image", "protein", "topodisc", "topodisc_components")
+SHARED_ROOMS = ("runs", "tokens", "reporting", "data")
+# At most this many modules directly in provq_lightning/ (besides __init__.py): the rest has rooms.
+TOP_LEVEL_MODULES = 6
 
 # module -> {imported module: "file:line" of its first import there}
 Graph = dict[str, dict[str, str]]
@@ -122,6 +138,30 @@ def layer_violations(graph: Graph) -> list[str]:
     return found
 
 
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == PACKAGE else None
+
+
+def room_violations(graph: Graph) -> list[str]:
+    """``file:line: a imports b (rule)`` for every import against the rooms' rules."""
+    found = []
+    for module, edges in sorted(graph.items()):
+        here = _room(module)
+        for target, where in sorted(edges.items()):
+            there = _room(target)
+            rule = None
+            if here == "vq" and there not in ("vq", "errors"):
+                rule = "vq/ imports only vq/ and errors"
+            elif here in ("image", "protein") and there in ("image", "protein") and here != there:
+                rule = "the modalities never import each other"
+            elif here in SHARED_ROOMS and there in MODALITIES:
+                rule = f"{here}/ imports no modality"
+            if rule:
+                found.append(f"{where}: {module} imports {target} ({rule})")
+    return found
+
+
 def cycles(graph: Graph) -> list[list[str]]:
     """The strongly connected components with more than one module (Tarjan), each sorted."""
     index: dict[str, int] = {}
@@ -203,19 +243,67 @@ def test_no_import_cycle():
     )
 
 
+def test_rooms_keep_their_rules():
+    violations = room_violations(import_graph())
+    assert not violations, "docs/architecture.md, rooms:\n" + "\n".join(violations)
+
+
+def test_vq_imports_no_lightning():
+    found = [
+        f"{path.relative_to(REPO)}:{number}"
+        for path in sorted((REPO / PACKAGE / "vq").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.match(r"\s*(import|from)\s+(lightning|pytorch_lightning)\b", line)
+    ]
+    assert not found, f"vq/ is plain torch (usable without Lightning): {found}"
+
+
+def test_the_top_level_holds_few_modules():
+    modules = sorted(p.name for p in (REPO / PACKAGE).glob("*.py") if p.name != "__init__.py")
+    assert len(modules) <= TOP_LEVEL_MODULES, f"give these a room: {modules}"
+
+
+def test_every_module_is_a_file_not_a_link():
+    # A symlinked package makes one file load as two modules and hides imports from tools.
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: the tracked links cannot be listed")
+    staged = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    links = [line.split("\t")[-1] for line in staged if line.startswith("120000")]
+    assert not links, f"tracked symlinks: {links}"
+
+
 # -- the checker itself, on fabricated graphs ------------------------------------------------
 def test_checker_catches_an_upward_and_a_sideways_import():
     graph = {
-        "provq_lightning.quantizer": {"provq_lightning.tools.fit": "quantizer.py:3"},
+        "provq_lightning.vq.quantizer": {"provq_lightning.tools.fit": "quantizer.py:3"},
         "provq_lightning.callbacks.x": {"provq_lightning.datamodules.y": "x.py:5"},
-        "provq_lightning.datamodules.y": {"provq_lightning.quantizer": "y.py:1"},
+        "provq_lightning.datamodules.y": {"provq_lightning.vq.quantizer": "y.py:1"},
         "provq_lightning.tools.fit": {"provq_lightning.callbacks.x": "fit.py:9"},
     }
     assert layer_violations(graph) == [
         "x.py:5: provq_lightning.callbacks.x (callbacks) imports "
         "provq_lightning.datamodules.y (datamodules)",
-        "quantizer.py:3: provq_lightning.quantizer (core) imports "
+        "quantizer.py:3: provq_lightning.vq.quantizer (core) imports "
         "provq_lightning.tools.fit (tools)",
+    ]
+
+
+def test_checker_catches_imports_against_the_rooms():
+    graph = {
+        "provq_lightning.vq.kmeans": {"provq_lightning.runs.safe_load": "kmeans.py:2",
+                                      "provq_lightning.errors": "kmeans.py:1"},
+        "provq_lightning.image.tokenizer": {"provq_lightning.protein.geometry": "tok.py:7"},
+        "provq_lightning.tokens.writer": {"provq_lightning.topodisc": "writer.py:4"},
+        "provq_lightning.protein.cache": {"provq_lightning.runs.safe_load": "cache.py:9"},
+    }
+    assert room_violations(graph) == [
+        "tok.py:7: provq_lightning.image.tokenizer imports provq_lightning.protein.geometry "
+        "(the modalities never import each other)",
+        "writer.py:4: provq_lightning.tokens.writer imports provq_lightning.topodisc "
+        "(tokens/ imports no modality)",
+        "kmeans.py:2: provq_lightning.vq.kmeans imports provq_lightning.runs.safe_load "
+        "(vq/ imports only vq/ and errors)",
     ]
 
 

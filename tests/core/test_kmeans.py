@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from provq_lightning.kmeans import kmeans, kmeans_plus_plus, sorted_cluster_sums
+from provq_lightning.vq.kmeans import kmeans, kmeans_plus_plus, sorted_cluster_sums
 
 
 def blobs(k=8, per=200, d=3, seed=0):

@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torchvision.models.inception import Inception3
 
-from provq_lightning.checkpoint_io import AtomicCheckpointIO
+from provq_lightning.runs.checkpoint_io import AtomicCheckpointIO
 
 
 def _trainer() -> Trainer:
@@ -104,7 +104,7 @@ CHECKS: list[tuple[str, str, Callable[[], None]]] = [
     ("DDPStrategy._ddp_kwargs", "callbacks/curriculum.py", _ddp_kwargs),
     ("LightningModule._trainer",
      "provq_lightning/tokenizer.py, provq_lightning/image/tokenizer.py, "
-     "provq_lightning/image_log.py", _module_trainer),
+     "provq_lightning/reporting/figures.py", _module_trainer),
     ("lightning.pytorch.plugins.io.wrapper._WrappingCheckpointIO", "provq_lightning/tools/fit.py",
      _wrapping_checkpoint_io),
     ("Strategy._checkpoint_io", "provq_lightning/tools/fit.py", _strategy_checkpoint_io),

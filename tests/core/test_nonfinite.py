@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from provq_lightning.callbacks.metrics_json import MetricsJsonCallback
 from provq_lightning.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from provq_lightning.errors import ProvqError
-from provq_lightning.kmeans import NonFiniteInputError, kmeans
 from provq_lightning.tools.fit import provq_callbacks
+from provq_lightning.vq.kmeans import NonFiniteInputError, kmeans
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "experiments" / "topodisc_provq.yaml"

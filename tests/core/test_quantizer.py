@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from provq_lightning.quantizer import VectorQuantizer
+from provq_lightning.vq.quantizer import VectorQuantizer
 
 
 def quantizer(**kw):

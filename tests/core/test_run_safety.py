@@ -14,7 +14,9 @@ import torch
 import yaml
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.run_dir import RunLock, newest_resumable_run, write_config_history
+from provq_lightning.runs.config_history import write_config_history
+from provq_lightning.runs.lock import RunLock
+from provq_lightning.runs.run_dir import newest_resumable_run
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "experiments" / "topodisc_provq.yaml"

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from provq_lightning import cpu_kernel
-from provq_lightning.search import nearest_code, rows_per_chunk
+from provq_lightning.vq import cpu_kernel
+from provq_lightning.vq.search import nearest_code, rows_per_chunk
 
 
 @pytest.fixture(autouse=True, params=["fused_cpu_kernel", "torch_blocks"])

@@ -49,7 +49,7 @@ def test_wheel_holds_only_provq_lightning_with_callbacks_datamodules_and_configs
                  "provq_lightning/experiments/in1k_16x16.yaml",
                  "provq_lightning/experiments/in100/provq.yaml",
                  "provq_lightning/experiments/in100/classes.txt",
-                 "provq_lightning/csrc/nearest_two.cpp"):
+                 "provq_lightning/vq/csrc/nearest_two.cpp"):
         assert path in names, path
     shipped = {p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*")
                if p.is_file()}

@@ -1,7 +1,7 @@
 """Worker for test_sync_decisions.py: one rank of a raw 2-process gloo group.
 
 Builds everything that could decide about cross-rank syncing (the codebook-usage metric, a
-tokenizer with its metric, and a question to ``provq_lightning.distributed``) *before* the
+tokenizer with its metric, and a question to ``provq_lightning.vq.distributed``) *before* the
 process group exists, then creates the group and uses them, saving what each rank got.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from provq_lightning import distributed
-from provq_lightning.codebook_metrics import CodebookUsage
 from provq_lightning.topodisc import TopoDiscTokenizer
+from provq_lightning.vq import distributed
+from provq_lightning.vq.codebook_metrics import CodebookUsage
 
 NUM_CODES = 8
 # Codes 5..7 are used only on rank 1, code 0 only on rank 0.

@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from provq_lightning.codebook_metrics import CODEBOOK_METRIC_NAMES
-from provq_lightning.kmeans import kmeans
+from provq_lightning.vq.codebook_metrics import CODEBOOK_METRIC_NAMES
+from provq_lightning.vq.kmeans import kmeans
 from tests.core.helpers import read_records as read
 from tests.distributed import launch
 

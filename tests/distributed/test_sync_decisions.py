@@ -1,6 +1,6 @@
 """No decision about cross-rank syncing is taken before the process group exists.
 
-The metric, the tokenizer and a first question to ``provq_lightning.distributed`` happen
+The metric, the tokenizer and a first question to ``provq_lightning.vq.distributed`` happen
 before ``init_process_group`` (as in ``provq-fit``, which builds model, data and callbacks
 before the Trainer creates the group). Had any of them cached "not distributed" (a cached
 ``is_distributed()``, ``sync_on_compute`` or a process group captured at construction), the

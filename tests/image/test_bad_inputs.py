@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from provq_lightning.checkpoint_check import check_checkpoint_file, load_checkpoint
 from provq_lightning.errors import ProvqError
 from provq_lightning.image.make_shards import main as make_shards
+from provq_lightning.runs.checkpoint_check import check_checkpoint_file, load_checkpoint
 from provq_lightning.tools.tokenize_cli import CodeWriter, decode_main, load_run, tokenize_main
 from tests.image.helpers import TINY, write_untrained_run
 

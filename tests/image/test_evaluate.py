@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from provq_lightning.protein.paths import REPO_ROOT
+from provq_lightning.data.paths import REPO_ROOT
 from tests.helpers import provq_fit, run_files
 from tests.image.helpers import TINY, jpeg_bytes, write_flat_folder
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from provq_lightning.data.stream_position import StreamPosition
 from provq_lightning.datamodules.imagenet import (
     CROP_DRAWS,
     REST_OF_SHARD,
@@ -25,7 +26,6 @@ from provq_lightning.datamodules.imagenet import (
 )
 from provq_lightning.image import shards as sh
 from provq_lightning.image.transforms import random_crop
-from provq_lightning.stream_position import StreamPosition
 from tests.distributed.stream_resume import check_kill_and_resume
 from tests.image.helpers import TINY, jpeg_bytes
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from provq_lightning.datamodules.proteins import ProteinStructureDataModule, collate_structures
+
+from provq_lightning.data.paths import REPO_ROOT, shared_data_dir
 from provq_lightning.protein.parsing import parse_structure
-from provq_lightning.protein.paths import REPO_ROOT, shared_data_dir
 from tests.helpers import provq_fit
 
 PROTEINS = shared_data_dir() / "proteins"

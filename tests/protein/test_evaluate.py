@@ -12,7 +12,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from provq_lightning.protein.paths import REPO_ROOT
+from provq_lightning.data.paths import REPO_ROOT
 from tests.helpers import provq_fit, run_files
 from tests.protein.helpers import EDGE, PROTEINS, TINY
 

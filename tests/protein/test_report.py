@@ -1,6 +1,6 @@
 """The run report: mean ± sd over seeds, per-run rows and learning curves of structure-tokenizer
-runs (``provq_lightning.protein.report`` on ``provq_lightning.run_report``), and one-line errors
-for run arguments that name nothing."""
+runs (``provq_lightning.protein.report`` on ``provq_lightning.reporting.run_report``), and
+one-line errors for run arguments that name nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from provq_lightning.errors import ProvqError
 from provq_lightning.protein import report
-from provq_lightning.run_report import parse_runs, per_run_table, seed_table, spread
+from provq_lightning.reporting.run_report import parse_runs, per_run_table, seed_table, spread
 from tests.protein.helpers import fit_tiny_run
 
 FILES = ("1aki.pdb", "1k6p.pdb", "3o5r.cif")  # 4 chains; the split holds one entry out

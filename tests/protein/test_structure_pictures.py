@@ -10,10 +10,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
 import provq_lightning.protein.tokenizer as tokenizer_module
-from provq_lightning.plots import close_figure
 from provq_lightning.protein.geometry import random_rotation
 from provq_lightning.protein.plots import PANEL_TITLES, chain_figure, structure_figure
 from provq_lightning.protein.tokenizer import ProteinTokenizer
+from provq_lightning.reporting.plots import close_figure
 from tests.protein.helpers import TINY, cath_datamodule
 
 

@@ -9,11 +9,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-
 from provq_lightning.callbacks.curriculum import CurriculumCallback
+
+from provq_lightning.data.paths import REPO_ROOT
 from provq_lightning.protein.geometry import CA_C, N_CA
 from provq_lightning.protein.parsing import parse_structure
-from provq_lightning.protein.paths import REPO_ROOT
 from provq_lightning.protein.tokenizer import MISSING_TOKEN, ProteinTokenizer
 from provq_lightning.schedules import Phase
 from tests.protein.helpers import TINY, cath_datamodule, chain_batch

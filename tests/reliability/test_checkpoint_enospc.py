@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from provq_lightning.checkpoint_io import free_bytes
+from provq_lightning.runs.checkpoint_io import free_bytes
 from tests.reliability.helpers import finish, run_dir, start_fit, write_config
 
 FIRST, MAX_STEPS, EVERY = 10, 20, 5

@@ -18,10 +18,10 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
-from provq_lightning import checkpoint_io as cio
-from provq_lightning.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from provq_lightning.errors import ProvqError
-from provq_lightning.safe_load import UnsafeFileError
+from provq_lightning.runs import checkpoint_io as cio
+from provq_lightning.runs.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
+from provq_lightning.runs.safe_load import UnsafeFileError
 from provq_lightning.tools.fit import provq_plugins
 
 OLD = {"global_step": 1, "state_dict": {"w": torch.zeros(4)}}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from provq_lightning.checkpoint_io import _host
+from provq_lightning.runs.checkpoint_io import _host
 from tests.reliability.helpers import finish, run_dir, start_fit, write_config
 
 KILLS = 10

@@ -7,8 +7,8 @@ import logging
 
 import torch
 
-from provq_lightning import cpu_kernel
-from provq_lightning.search import nearest_code
+from provq_lightning.vq import cpu_kernel
+from provq_lightning.vq.search import nearest_code
 
 
 def test_kernel_build_on_a_full_disk_falls_back_and_leaves_nothing(
@@ -17,7 +17,7 @@ def test_kernel_build_on_a_full_disk_falls_back_and_leaves_nothing(
     cache = tmpfs("64k")  # too small for the object file the compiler writes
     monkeypatch.setenv(cpu_kernel.ENV_CACHE, str(cache))
     monkeypatch.setattr(cpu_kernel, "_state", {})
-    with caplog.at_level(logging.WARNING, logger="provq_lightning.cpu_kernel"):
+    with caplog.at_level(logging.WARNING, logger="provq_lightning.vq.cpu_kernel"):
         assert cpu_kernel.kernel() is None
     (warning,) = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
     assert "No space left on device" in warning  # the compiler's error, not its command line

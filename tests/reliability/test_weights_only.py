@@ -171,7 +171,7 @@ def test_no_module_of_the_package_unpickles() -> None:
 
 
 def test_a_weight_file_refusal_names_the_global(tmp_path) -> None:
-    from provq_lightning.safe_load import UnsafeFileError, load_weights_only
+    from provq_lightning.runs.safe_load import UnsafeFileError, load_weights_only
 
     path = tmp_path / "w.pt"
     torch.save({"w": torch.zeros(1), "x": RunsCode(tmp_path / "M")}, path)

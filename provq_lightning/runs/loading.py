@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 
-from provq_lightning.checkpoint_check import check_checkpoint_file, load_checkpoint
 from provq_lightning.errors import ProvqError
+from provq_lightning.runs.checkpoint_check import check_checkpoint_file, load_checkpoint
 from provq_lightning.tokenizer import missing_contract
 
 

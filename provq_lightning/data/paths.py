@@ -10,10 +10,17 @@ root (the repository root by default).
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 
 # The checkout's root (in an installed wheel: the folder holding the package).
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def experiments_parent() -> Path:
+    """The folder holding ``experiments/``: the checkout, or in an installed wheel the package,
+    which ships the configs and their class lists as ``provq_lightning/experiments``."""
+    return Path(str(files("provq_lightning.experiments"))).parent
 SHARED_PREFIX = ("..", "shared", "data")
 
 

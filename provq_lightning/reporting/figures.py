@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger
 from matplotlib.figure import Figure
 from PIL import Image
 
-from provq_lightning.plots import close_figure, counts_figure, figure_pixels
+from provq_lightning.reporting.plots import close_figure, counts_figure, figure_pixels
 
 
 def _active(module: LightningModule) -> bool:

@@ -33,9 +33,9 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from provq_lightning.checkpoint_check import check_checkpoint_file
 from provq_lightning.errors import ProvqError
-from provq_lightning.safe_load import load_weights_only, refusal
+from provq_lightning.runs.checkpoint_check import check_checkpoint_file
+from provq_lightning.runs.safe_load import load_weights_only, refusal
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from provq_lightning.tokenizer import safe_file_name
+from provq_lightning.tokens.names import safe_file_name
 
 
 def code_dtype(num_codes: int) -> np.dtype:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.safe_load import load_weights_only
+from provq_lightning.runs.safe_load import load_weights_only
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since 1.6 is a zip archive
 LEGACY_MAGIC = b"\x80"  # the older format is a bare pickle stream (protocol >= 2)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from provq_lightning.search import DEFAULT_MAX_CHUNK_BYTES, nearest_code
+from provq_lightning.vq.search import DEFAULT_MAX_CHUNK_BYTES, nearest_code
 
 
 @dataclass

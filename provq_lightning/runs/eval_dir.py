@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from provq_lightning.run_dir import (
+from provq_lightning.runs.run_dir import (
     LAST_CHECKPOINT,
     LOCK_FILE,
     newest_resumable_run,

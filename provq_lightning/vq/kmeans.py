@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.search import (
+from provq_lightning.vq.search import (
     DEFAULT_MAX_CHUNK_BYTES,
     blocked_argmin,
     default_block_rows,

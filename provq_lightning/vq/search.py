@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from provq_lightning import cpu_kernel
+from provq_lightning.vq import cpu_kernel
 
 DEFAULT_MAX_CHUNK_BYTES = 128 * 2**20
 # About the size of a score block that stays in the L2/L3 cache of a CPU core between the
