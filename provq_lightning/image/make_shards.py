@@ -27,8 +27,8 @@ from rich.progress import Progress
 
 from provq_lightning.errors import ProvqError
 from provq_lightning.image.shards import INDEX_NAME, ShardInfo, write_index
+from provq_lightning.image.transforms import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".webp", ".bmp", ".ppm"}
 WNID = re.compile(r"^(n\d{8})")
 
 

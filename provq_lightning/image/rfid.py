@@ -47,10 +47,9 @@ from provq_lightning.errors import ProvqError
 from provq_lightning.image import shards as sh
 from provq_lightning.image.metrics import psnr_per_image
 from provq_lightning.image.pretrained import MissingWeights, build_fid_inception
-from provq_lightning.image.transforms import UndecodableImage, decode_image
+from provq_lightning.image.transforms import IMAGE_SUFFIXES, UndecodableImage, decode_image
 
 NPZ_KEY = "arr_0"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm")
 NO_FID_HINT = "--no-fid (writes the .npz batches only), or pass --inception PATH"
 
 
@@ -185,8 +184,8 @@ def _crop_item(key: str, read: Callable[[], bytes], size: int) -> dict[str, Any]
     return {"key": key, "image": torch.from_numpy(pixels.copy()), "error": error}
 
 
-class FolderImages(Dataset):
-    """Every image file under a folder (recursive, sorted by path)."""
+class EvalFolderImages(Dataset):
+    """Every image file under a folder (recursive, sorted by path), centre-cropped."""
 
     def __init__(self, root: Path, size: int) -> None:
         self.root, self.size = root, size
@@ -242,7 +241,7 @@ class ShardImages(IterableDataset):
 def image_source(data: Path, size: int) -> Dataset:
     """A folder of images or a shard ``index.json``."""
     if data.is_dir():
-        return FolderImages(data, size)
+        return EvalFolderImages(data, size)
     if data.is_file() and data.suffix == ".json":
         return ShardImages(data, size)
     raise ProvqError(f"--data {data} is neither a folder of images nor a shard index.json; "

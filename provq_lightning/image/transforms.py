@@ -22,6 +22,9 @@ from PIL import Image
 
 from provq_lightning.errors import ProvqError
 
+# The picture files every image tool reads (make_shards, the image-folder datamodule, rFID).
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".webp")
+
 
 class UndecodableImage(ValueError):
     """The bytes are not an image PIL can fully decode (truncated, corrupt, not an image)."""

@@ -8,6 +8,7 @@ the paper makes: per-component reconstruction error of the hard-quantized model.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -134,7 +135,9 @@ def embedding_panel(out: Path, variants: list[str], seed: int, path: Path) -> No
     for ax, variant in zip(axes, variants, strict=True):
         ckpt = run_dir(out, variant, seed) / "checkpoints" / "last.ckpt"
         payload = load_checkpoint(ckpt)  # weights-only, like every file provq reads
-        model = TopoDiscTokenizer(**payload["hyper_parameters"])
+        saved = payload["hyper_parameters"]  # LightningCLI adds _class_path and the like
+        accepted = inspect.signature(TopoDiscTokenizer.__init__).parameters
+        model = TopoDiscTokenizer(**{k: v for k, v in saved.items() if k in accepted})
         model.load_state_dict(payload["state_dict"])
         model.eval()
         with torch.no_grad():
