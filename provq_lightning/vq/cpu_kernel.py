@@ -13,11 +13,16 @@ Reliability rules:
 * every process builds in its own temporary folder and moves the result into the cache
   atomically, so a run killed mid-build leaves no lock or half-written file behind (its
   folder is removed by the next build, an hour later or more);
+* the build records the file's size and sha256 beside it (``<name>.sha256``); a cached file
+  that does not match (cut short by a copy or sync of the home directory, replaced, or from
+  before the record existed) is rebuilt instead of loaded: loading a truncated shared object
+  kills the process with SIGBUS, which no ``except`` can catch;
 * after loading, the kernel must agree with an fp64 argmin on a small problem with ties;
 * any failure (no compiler, a failed build or self-check) logs one warning and provq keeps its
   torch search; a failure is noted next to the cache entry (``<name>.failed``), so other
-  processes do not repeat a failing build for a day. ``PROVQ_CPU_KERNEL=0`` turns the kernel
-  off.
+  processes do not repeat a failing build for a day; a build interrupted by a signal
+  (Ctrl-C, ``scancel``) is not a failure and is simply retried by the next process. No C++
+  compiler is one line saying how to point at one. ``PROVQ_CPU_KERNEL=0`` turns the kernel off.
 """
 
 from __future__ import annotations
@@ -118,9 +123,57 @@ def _remove_stale_builds(folder: Path) -> None:
             pass
 
 
+class BuildInterrupted(RuntimeError):
+    """The compiler was stopped by a signal: not a property of this machine, retry later."""
+
+
+def record_path(target: Path) -> Path:
+    """Where the size and sha256 of the cached file ``target`` are recorded."""
+    return target.with_name(target.name.split(".")[0] + ".sha256")
+
+
+def _fingerprint(path: Path) -> str:
+    data = path.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def cached_file_is_whole(target: Path) -> bool:
+    """True when ``target`` is exactly the file its build recorded (size and sha256)."""
+    try:
+        return record_path(target).read_text().strip() == _fingerprint(target)
+    except OSError:
+        return False
+
+
+def _compiler() -> str:
+    """The C++ compiler torch's builder will run; one line naming the fix when there is none."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(
+            f"no C++ compiler found ({compiler!r} is not on PATH); install one (e.g. "
+            "`apt-get install g++`) or set CXX=/path/to/g++"
+        )
+    return compiler
+
+
+def _interrupted(err: BaseException) -> bool:
+    """A build stopped by a signal (the compiler or ninja killed), not one that failed."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        code = getattr(err, "returncode", None)
+        if isinstance(code, int) and (code < 0 or code in (130, 137, 143)):
+            return True
+        if "interrupted by user" in str(err):  # ninja's words when it gets SIGINT/SIGTERM
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _build(name: str, target: Path) -> ModuleType:
     from torch.utils.cpp_extension import load
 
+    _compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(target.parent)
     build = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=target.parent))
@@ -129,15 +182,26 @@ def _build(name: str, target: Path) -> ModuleType:
             "provq: compiling its fused CPU search kernel once for this machine (about 30 s; "
             "cached in %s; %s=0 skips it)", target.parent, ENV_SWITCH
         )
-        with _ninja_on_path():
-            module = load(
-                name,
-                [str(SOURCE)],
-                extra_cflags=["-O3", "-march=native"],
-                build_directory=str(build),
-                verbose=False,
-            )
-        os.replace(module.__file__, target)  # atomic: readers see no file or a whole one
+        try:
+            with _ninja_on_path():
+                module = load(
+                    name,
+                    [str(SOURCE)],
+                    extra_cflags=["-O3", "-march=native"],
+                    build_directory=str(build),
+                    verbose=False,
+                )
+        except Exception as err:  # Ctrl-C itself (KeyboardInterrupt) still stops the program
+            if _interrupted(err):
+                reason = failure_reason(err)
+                raise BuildInterrupted(f"the build was interrupted ({reason})") from err
+            raise
+        built = Path(module.__file__)
+        # The record first, then the file: a reader sees no file, or a whole one it can verify.
+        record = build / "record.tmp"
+        record.write_text(_fingerprint(built) + "\n")
+        os.replace(record, record_path(target))
+        os.replace(built, target)  # atomic: readers see no file or a whole one
         return module
     finally:
         shutil.rmtree(build, ignore_errors=True)
@@ -203,6 +267,12 @@ def kernel() -> ModuleType | None:
                 f"{failed.read_text().strip()} (an earlier build; retried a day later, or "
                 f"delete {failed} to retry now)"
             )
+        if target.exists() and not cached_file_is_whole(target):
+            log.warning(
+                "provq: the cached CPU search kernel %s does not match its build record (cut "
+                "short or replaced); rebuilding it", target
+            )
+            target.unlink(missing_ok=True)
         module = _import_file(name, target) if target.exists() else _build(name, target)
         _self_check(module)
     except Exception as err:  # noqa: BLE001 (any failure: fall back, say why once)
@@ -212,7 +282,7 @@ def kernel() -> ModuleType | None:
             "(exact too, about 2x slower; %s=0 hides this)",
             type(err).__name__, reason, ENV_SWITCH,
         )
-        if not _recent_failure(failed):
+        if not isinstance(err, BuildInterrupted) and not _recent_failure(failed):
             with contextlib.suppress(OSError):
                 failed.write_text(reason + "\n")
         module = None

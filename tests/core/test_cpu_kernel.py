@@ -154,7 +154,132 @@ def test_a_kernel_that_fails_its_self_check_is_not_used(fresh_state, monkeypatch
     assert cpu_kernel.kernel() is None
 
 
-def test_a_corrupt_cached_file_falls_back(fresh_state, monkeypatch):
+@pytest.fixture(scope="module")
+def built_kernel():
+    """The real kernel (built or loaded from the default cache) and its cached file."""
+    module = cpu_kernel.kernel()
+    if module is None:
+        pytest.skip("the fused CPU kernel could not be built here")
+    target = cpu_kernel.cache_dir() / f"{cpu_kernel.module_name()}{cpu_kernel.EXTENSION_SUFFIX}"
+    return module, target.read_bytes()
+
+
+def _copying_build(built_kernel, builds):
+    """A stand-in for the compiler: writes the real kernel's bytes as a build would."""
+    module, data = built_kernel
+
+    def build(name, target):
+        builds.append(target)
+        staged = target.with_name("staged.so")
+        staged.write_bytes(data)
+        cpu_kernel.record_path(target).write_text(cpu_kernel._fingerprint(staged) + "\n")
+        staged.replace(target)
+        return module
+    return build
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "cut short", "no record"])
+def test_a_damaged_cached_file_is_rebuilt_not_loaded(
+    built_kernel, fresh_state, monkeypatch, caplog, damage
+):
+    _, data = built_kernel
     target = fresh_state / f"{cpu_kernel.module_name()}{cpu_kernel.EXTENSION_SUFFIX}"
-    target.write_bytes(b"not a shared object")
-    assert cpu_kernel.kernel() is None
+    target.write_bytes(data)
+    cpu_kernel.record_path(target).write_text(cpu_kernel._fingerprint(target) + "\n")
+    if damage == "random bytes":
+        target.write_bytes(b"not a shared object")
+    elif damage == "cut short":  # loading this one would kill the process with SIGBUS
+        target.write_bytes(data[: len(data) // 2])
+    else:  # a cache entry from before the record existed
+        cpu_kernel.record_path(target).unlink()
+    builds = []
+    monkeypatch.setattr(cpu_kernel, "_build", _copying_build(built_kernel, builds))
+    imported = []
+    monkeypatch.setattr(cpu_kernel, "_import_file", lambda *a: imported.append(a))
+    with caplog.at_level(logging.WARNING, logger="provq_lightning.vq.cpu_kernel"):
+        assert cpu_kernel.kernel() is not None
+    assert builds == [target] and not imported  # the damaged file was never loaded
+    assert "rebuilding" in caplog.text and str(target) in caplog.text
+    assert target.read_bytes() == data and cpu_kernel.cached_file_is_whole(target)
+
+
+def test_a_whole_cached_file_is_loaded_without_a_build(built_kernel, fresh_state, monkeypatch):
+    _, data = built_kernel
+    target = fresh_state / f"{cpu_kernel.module_name()}{cpu_kernel.EXTENSION_SUFFIX}"
+    target.write_bytes(data)
+    cpu_kernel.record_path(target).write_text(cpu_kernel._fingerprint(target) + "\n")
+    monkeypatch.setattr(cpu_kernel, "_build", lambda *a: pytest.fail("rebuilt a whole file"))
+    assert cpu_kernel.kernel() is not None
+
+
+def test_an_interrupted_build_is_not_recorded_as_a_failure(fresh_state, monkeypatch, caplog):
+    import subprocess
+
+    import torch.utils.cpp_extension as ext
+
+    def killed(*args, **kwargs):  # what torch raises when ninja dies of SIGTERM
+        try:
+            raise subprocess.CalledProcessError(-15, ["ninja", "-v"])
+        except subprocess.CalledProcessError as err:
+            raise RuntimeError("Error building extension 'provq_nearest_two'") from err
+
+    monkeypatch.setattr(ext, "load", killed)
+    with caplog.at_level(logging.WARNING, logger="provq_lightning.vq.cpu_kernel"):
+        assert cpu_kernel.kernel() is None
+    assert "interrupted" in caplog.text
+    assert not list(fresh_state.glob("*.failed"))  # the next process simply builds again
+
+
+def test_no_compiler_is_one_line_saying_how_to_point_at_one(fresh_state, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with caplog.at_level(logging.WARNING, logger="provq_lightning.vq.cpu_kernel"):
+        assert cpu_kernel.kernel() is None
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "no C++ compiler found" in warning and "CXX=" in warning and "\n" not in warning
+
+
+TRUNCATED_RUN = """
+import sys, torch
+from provq_lightning.vq import cpu_kernel
+from provq_lightning.vq.search import blocked_argmin, prepare_codes
+real = open(sys.argv[1], 'rb').read()
+def build(name, target):  # the compiler's stand-in: the real kernel's bytes, then load them
+    staged = target.with_name('staged.so'); staged.write_bytes(real)
+    cpu_kernel.record_path(target).write_text(cpu_kernel._fingerprint(staged) + '\\n')
+    staged.replace(target)
+    print('rebuilt')
+    return cpu_kernel._import_file(name, target)
+cpu_kernel._build = build
+g = torch.Generator().manual_seed(0)
+codes = torch.randn(300, 8, generator=g); prepared = prepare_codes(codes)
+a = torch.randn(2000, 8, generator=g) - prepared.shift
+print(','.join(map(str, blocked_argmin(a, prepared, rows=64)[0].tolist())))
+"""
+
+
+def test_a_truncated_cached_kernel_does_not_kill_the_run(built_kernel, tmp_path):
+    # Loaded, a truncated .so kills the process with SIGBUS (exit 135) and no message.
+    import os
+    import subprocess
+    import sys
+
+    _, data = built_kernel
+    real = tmp_path / "real.so"
+    real.write_bytes(data)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    target = cache / f"{cpu_kernel.module_name()}{cpu_kernel.EXTENSION_SUFFIX}"
+    target.write_bytes(data[: len(data) // 3])
+    cpu_kernel.record_path(target).write_text(f"{len(data)} recorded-at-build\n")
+
+    def run(**env):
+        return subprocess.run([sys.executable, "-c", TRUNCATED_RUN, str(real)],
+                              env={**os.environ, cpu_kernel.ENV_CACHE: str(cache), **env},
+                              capture_output=True, text=True, timeout=300)
+
+    fused = run()
+    assert fused.returncode == 0, fused.stderr[-2000:]
+    lines = fused.stdout.split()
+    assert lines[0] == "rebuilt" and target.read_bytes() == data
+    plain = run(**{cpu_kernel.ENV_SWITCH: "0"})
+    assert plain.returncode == 0 and plain.stdout.split() == lines[1:]
