@@ -12,9 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.runs.eval_dir import EVAL_SUBDIR, fit_run_written_by, last_checkpoint, new_eval_version
-from provq_lightning.runs.run_dir import LAST_CHECKPOINT, newest_resumable_run, version_dir, version_from_dir_name
-
+from provq_lightning.runs.eval_dir import (
+    EVAL_SUBDIR,
+    fit_run_written_by,
+    last_checkpoint,
+    new_eval_version,
+)
+from provq_lightning.runs.run_dir import (
+    LAST_CHECKPOINT,
+    newest_resumable_run,
+    version_dir,
+    version_from_dir_name,
+)
 
 # Set by rank 0's process so the ranks it launches resume the same run without looking again.
 _RESUME_ENV = "PROVQ_RESUME_VERSION"

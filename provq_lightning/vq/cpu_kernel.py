@@ -54,6 +54,7 @@ LANES = 16  # codes per vector step in the kernel: K is padded to a multiple of 
 EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 STALE_BUILD_SECONDS = 3600
 RETRY_FAILED_BUILD_SECONDS = 24 * 3600
+CACHE_LAYOUT = "recorded-1"  # a cached file comes with <name>.sha256 (size and sha256)
 
 _state: dict[str, ModuleType | None] = {}
 
@@ -83,7 +84,9 @@ def _cpu_signature() -> str:
 
 def module_name() -> str:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode()):
+    # CACHE_LAYOUT: entries of provq versions that wrote no build record are never shared.
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+                 CACHE_LAYOUT.encode()):
         digest.update(part)
     digest.update(_cpu_signature().encode())
     return f"provq_nearest_two_{digest.hexdigest()[:16]}"

@@ -138,7 +138,7 @@ def test_second_fit_into_a_live_run_directory_refuses_naming_host_and_pid(tmp_pa
     assert "stale lock" in resumed.stderr
 
 
-def test_run_lock_takes_over_only_dead_or_same_job_holders(tmp_path, monkeypatch):
+def test_run_lock_takes_over_only_dead_or_requeued_holders(tmp_path, monkeypatch):
     lock_path = tmp_path / ".provq.lock"
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
@@ -146,12 +146,19 @@ def test_run_lock_takes_over_only_dead_or_same_job_holders(tmp_path, monkeypatch
         lock_path.write_text(json.dumps({"host": host, "pid": sleeper.pid, "since": "x"}))
         with pytest.raises(ProvqError, match=f"PID {sleeper.pid} on host {host}"):
             RunLock(tmp_path).acquire()
+        # Two live fits of one SLURM job (two srun steps, or two fits in one batch script).
         monkeypatch.setenv("SLURM_JOB_ID", "77")
-        lock_path.write_text(
-            json.dumps({"host": "other-node", "pid": 1, "since": "x", "slurm_job": "77"})
-        )
+        for holder_host, pid in ((host, sleeper.pid), ("other-node", 1)):
+            lock_path.write_text(json.dumps(
+                {"host": holder_host, "pid": pid, "since": "x", "slurm_job": "77"}))
+            with pytest.raises(ProvqError, match=f"PID {pid} on host {holder_host}.*job 77"):
+                RunLock(tmp_path).acquire()
+        # A requeue of the job (a higher restart count), on another node: the holder is gone.
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        lock_path.write_text(json.dumps(
+            {"host": "other-node", "pid": 1, "since": "x", "slurm_job": "77", "slurm_restart": 0}))
         with pytest.warns(UserWarning, match="stale lock"):
-            RunLock(tmp_path).acquire()  # a requeue of the same SLURM job, on another node
+            RunLock(tmp_path).acquire()
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -162,6 +169,37 @@ def test_run_lock_takes_over_only_dead_or_same_job_holders(tmp_path, monkeypatch
         lock.acquire()
     lock.release()
     assert not lock_path.exists()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"pid": "abc"}', '{"host": "h"}', "", "{"])
+def test_an_unreadable_lock_is_one_line_naming_it(tmp_path, content):
+    lock_path = tmp_path / ".provq.lock"
+    lock_path.write_text(content)
+    with pytest.raises(ProvqError) as err:
+        RunLock(tmp_path).acquire()
+    message = str(err.value)
+    assert str(lock_path) in message and "delete it" in message and "\n" not in message
+    assert lock_path.read_text() == content  # left for the user to look at
+
+
+def test_the_lock_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    # A full disk while the record is written: one line, and no empty lock left behind.
+    import errno as errno_
+
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno_.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(ProvqError, match="free disk space"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert list(tmp_path.iterdir()) == []
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / ".provq.lock").read_text())["pid"] == os.getpid()
+    lock.release()
 
 
 def test_config_history_keeps_every_earlier_config(tmp_path):
