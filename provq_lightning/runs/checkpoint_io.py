@@ -146,9 +146,11 @@ def _fsync_directory(directory: Path) -> None:
 
 def _no_space_error(target: Path, needed: int) -> ProvqError:
     free = free_bytes(target.parent)
+    # The same guarantee for every file written this way; "checkpoint" only where it is one.
+    what = "checkpoint" if target.suffix == ".ckpt" else "file"
     return ProvqError(
-        f"cannot save checkpoint {target}: it needs {human_size(needed)} but its file system has "
-        f"{human_size(free)} free (or the quota is exhausted); the previous checkpoint there is "
+        f"cannot save {what} {target}: it needs {human_size(needed)} but its file system has "
+        f"{human_size(free)} free (or the quota is exhausted); the previous {what} there is "
         "kept: free space or raise the quota, then resume with --ckpt_path last"
     )
 

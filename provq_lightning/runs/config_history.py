@@ -24,7 +24,8 @@ def write_config_history(path: Path, text: str) -> Path | None:
         n = 1
         while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
             n += 1
-        os.replace(path, kept)
+        # Copy, then replace: a full disk at either step leaves the run its config.yaml.
+        write_atomically(kept, path.read_bytes())
     write_atomically(path, text.encode())  # a reader never sees a half-written config
     return kept
 
