@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from provq_lightning.datamodules.imagenet import read_class_list, resolve_path
 from torch.utils.data import DataLoader, Dataset
 
 from provq_lightning.data.stream_position import (
@@ -32,6 +31,7 @@ from provq_lightning.data.stream_position import (
     note_training_batch,
     resumable_sampler_loader,
 )
+from provq_lightning.datamodules.imagenet import read_class_list, resolve_path
 from provq_lightning.errors import ProvqError
 from provq_lightning.image.make_shards import SourceImage, find_images
 from provq_lightning.image.transforms import (

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from provq_lightning.datamodules.proteins import ProteinStructureDataModule, collate_structures
 
 from provq_lightning.data.paths import REPO_ROOT, shared_data_dir
+from provq_lightning.datamodules.proteins import ProteinStructureDataModule, collate_structures
 from provq_lightning.protein.parsing import parse_structure
 from tests.helpers import provq_fit
 

@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from provq_lightning.callbacks.curriculum import CurriculumCallback
 
+from provq_lightning.callbacks.curriculum import CurriculumCallback
 from provq_lightning.data.paths import REPO_ROOT
 from provq_lightning.protein.geometry import CA_C, N_CA
 from provq_lightning.protein.parsing import parse_structure
