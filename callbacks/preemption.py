@@ -10,6 +10,12 @@ save into the ``ModelCheckpoint``'s own ``last.ckpt``, and stop before the next 
 (after this step's validation, if one is due: the resumed run skips it). Before, rank 0 runs
 ``scontrol requeue`` for the job (array task) under SLURM; the process then exits with
 ``EX_TEMPFAIL`` (75), "try again", also outside SLURM.
+
+SIGTERM is a preemption too: ``scancel``, and SLURM preemption without ``--signal``, send it
+(then SIGKILL after ``KillWait``/``GraceTime``). It is handled the same way, a flag and a save
+at the next step boundary, and the run exits with 75 so SLURM never records it COMPLETED, but
+without a requeue: the job was cancelled, or SLURM's own preemption requeues it. Lightning's
+SIGTERM handler (which stops with exit 0 and saves nothing) is replaced for the fit.
 """
 
 from __future__ import annotations
@@ -99,7 +105,9 @@ class PreemptionCheckpoint(Callback):
         check_every_n_steps: how often the ranks agree on the flag (one 1-element all-reduce,
             the size of the one Lightning already broadcasts every step for SIGTERM); the
             checkpoint is written at most this many steps after the signal.
-        requeue: run ``scontrol requeue`` for the job under SLURM before stopping.
+        requeue: run ``scontrol requeue`` for the job under SLURM before stopping (on
+            ``signal`` only; never on SIGTERM).
+        sigterm: treat SIGTERM as a preemption too (save, stop, exit 75).
 
     Public state: ``signal_received`` (this rank got the signal), ``requeued`` (the run saved
     ``last.ckpt`` and stopped to be resumed, and under SLURM asked to be requeued),
@@ -107,7 +115,11 @@ class PreemptionCheckpoint(Callback):
     """
 
     def __init__(
-        self, signal: str | int = "SIGUSR1", check_every_n_steps: int = 1, requeue: bool = True
+        self,
+        signal: str | int = "SIGUSR1",
+        check_every_n_steps: int = 1,
+        requeue: bool = True,
+        sigterm: bool = True,
     ) -> None:
         if int(check_every_n_steps) < 1:
             raise ValueError(
@@ -116,19 +128,33 @@ class PreemptionCheckpoint(Callback):
         self.signal = parse_signal(signal)
         self.check_every_n_steps = int(check_every_n_steps)
         self.requeue = requeue
+        self.sigterm = sigterm
         self.signal_received = False
+        self.sigterm_received = False  # the signal was SIGTERM (no requeue then)
         self.requeued = False
         self.checkpoint_path: Path | None = None
         self.saved_at_step: int | None = None
         self._stop_pending = False
         self._previous_handler: Any = None
         self._installed = False
+        self._previous_sigterm: Any = None
+        self._sigterm_installed = False
 
     # -- the signal: only a flag ---------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Nothing else here: the step in flight must finish before anything is saved.
         self.signal_received = True
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.sigterm_received = self.signal_received = True
+
+    def _install_sigterm(self) -> None:
+        if not self.sigterm or signal.getsignal(signal.SIGTERM) is self._on_sigterm:
+            return
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if not self._sigterm_installed:
+            self._previous_sigterm, self._sigterm_installed = previous, True
 
     def _install(self) -> None:
         current = signal.getsignal(self.signal)
@@ -142,6 +168,9 @@ class PreemptionCheckpoint(Callback):
         if self._installed:
             signal.signal(self.signal, self._previous_handler or signal.SIG_DFL)
             self._installed = False
+        if self._sigterm_installed:
+            signal.signal(signal.SIGTERM, self._previous_sigterm or signal.SIG_DFL)
+            self._sigterm_installed = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -151,14 +180,20 @@ class PreemptionCheckpoint(Callback):
         # nobody handles yet.
         self._install()
         self.signal_received = self.requeued = self._stop_pending = False
+        self.sigterm_received = False
         rank_zero_info(
-            f"[provq] preemption: on {self.signal.name}, last.ckpt is saved at the next step "
-            "boundary, then the run stops"
-            + (" and requeues its SLURM job" if self.requeue and slurm_job_id() else "")
+            f"[provq] preemption: on {self.signal.name}"
+            + (" or SIGTERM" if self.sigterm else "")
+            + ", last.ckpt is saved at the next step boundary, then the run stops"
+            + (f" (and requeues its SLURM job on {self.signal.name})"
+               if self.requeue and slurm_job_id() else "")
         )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._install()  # in case anything replaced it since `setup`
+        # After Lightning registered its own SIGTERM handler (which would end the fit with
+        # exit 0 at the next step and save nothing): ours replaces it for the fit.
+        self._install_sigterm()
 
     # -- the step boundary: agree, save ---------------------------------------------------------
 
@@ -175,10 +210,13 @@ class PreemptionCheckpoint(Callback):
             # Inside a gradient-accumulation window (same on every rank): the pending gradients
             # are not in a checkpoint, so save at the window's optimizer step instead.
             return
+        # The ranks agree on which signal it was: SIGTERM on any rank means no requeue.
+        self.sigterm_received = trainer.strategy.reduce_boolean_decision(
+            self.sigterm_received, all=False
+        )
+        name = "SIGTERM" if self.sigterm_received else self.signal.name
         if 0 < trainer.max_steps <= trainer.global_step:
-            rank_zero_info(
-                f"[provq] preemption: {self.signal.name} at the last step: finishing the run"
-            )
+            rank_zero_info(f"[provq] preemption: {name} at the last step: finishing the run")
             self._stop_pending = True  # nothing to resume: stop checking, let the run end
             self.checkpoint_path = None
             return
@@ -209,13 +247,15 @@ class PreemptionCheckpoint(Callback):
         self._stop_pending = False
         for logger in trainer.loggers:
             logger.save()  # flushed before the requeue, whose SIGTERM/SIGKILL may come early
-        job = slurm_job_id() if self.requeue else None
+        job = slurm_job_id() if self.requeue and not self.sigterm_received else None
         requeued = False
         if job is not None and trainer.is_global_zero:
             requeued = requeue_slurm_job(job)
         self.requeued = True
         resume = f"--ckpt_path {self.checkpoint_path}"
         then = f"requeued SLURM job {job}" if requeued else f"resume with {resume}"
+        if self.sigterm_received:
+            then = f"SIGTERM: exit {EXIT_PREEMPTED}, not requeued; {then}"
         rank_zero_info(f"[provq] preemption: stopping at step {self.saved_at_step}; {then}")
         # No rank exits before rank 0 has requeued: srun --kill-on-bad-exit would end the job
         # (not requeued) as soon as one task exits with an error.

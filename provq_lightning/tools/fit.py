@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, RichP
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from provq_lightning.callbacks.metrics_json import MetricsJsonCallback
 from provq_lightning.callbacks.nonfinite import NonFiniteGuard
@@ -45,6 +46,7 @@ from provq_lightning.tools.curriculum_args import (
 from provq_lightning.tools.shipped_configs import resolve_config_args
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+EXIT_SIGTERM = 128 + 15  # the shell's code for a process ended by SIGTERM
 
 DESCRIPTION = (
     "provq-fit: train and evaluate vector-quantized tokenizers with Progressive Quantization "
@@ -239,6 +241,12 @@ def main(argv: list[str] | None = None) -> None:
         # A --config naming no file here may name a shipped one (provq-fit --config in1k_16x16).
         sys.argv = [sys.argv[0], *resolve_config_args(argv)]
         ProvqCLI()
+    except SIGTERMException:
+        # Lightning's own SIGTERM stop (before PreemptionCheckpoint took over at train start, or
+        # a config without it) is a plain SystemExit: 0 would tell SLURM the run COMPLETED.
+        print("provq-fit: error: stopped by SIGTERM (scancel or preemption) before the "
+              "preemption handler could save; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(EXIT_SIGTERM)
     except Exception as err:  # noqa: BLE001 - only provq's own, user-fixable errors are caught
         found = user_error(err)
         if found is None:

@@ -1,4 +1,5 @@
-"""Zero-loss preemption without SLURM: SIGUSR1 sent to a running provq-fit (TopoDisc ProVQ).
+"""Zero-loss preemption without SLURM: SIGUSR1 or SIGTERM sent to a running provq-fit
+(TopoDisc ProVQ).
 
 The signal arrives mid-step, from outside the process (this test sends it while the run waits
 inside a step). The run saves ``checkpoints/last.ckpt`` at the end of that step (the periodic
@@ -90,8 +91,9 @@ def write_config(tmp: Path, record: Path, world_size: int, wait: dict | None) ->
     return path
 
 
-def fit(tmp: Path, leg: str, world_size: int, *extra: str, signal_at: tuple | None = None):
-    """One provq-fit leg; with ``signal_at=(step, rank)`` SIGUSR1 goes to that rank mid-step.
+def fit(tmp: Path, leg: str, world_size: int, *extra: str, signal_at: tuple | None = None,
+        sig: signal.Signals = signal.SIGUSR1):
+    """One provq-fit leg; with ``signal_at=(step, rank)`` ``sig`` goes to that rank mid-step.
 
     Returns (exit codes, logs of all ranks, records of rank 0).
     """
@@ -114,7 +116,7 @@ def fit(tmp: Path, leg: str, world_size: int, *extra: str, signal_at: tuple | No
         while not (ready.exists() and ready.read_text()):
             assert runner.is_alive() and time.monotonic() < deadline, "the run never got there"
             time.sleep(0.05)
-        os.kill(int(ready.read_text()), signal.SIGUSR1)
+        os.kill(int(ready.read_text()), sig)
     runner.join()
     text = "".join(log.read_text() for log in logs if log.exists())
     records = [read_records(Path(str(record).format(rank=r))) for r in range(world_size)]
@@ -150,17 +152,20 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize(
-    ("world_size", "signal_at"),
-    [(1, (29, 0)), (2, (23, 1))],
-    ids=["1proc-at-validation-step", "ddp2-rank1-only"],
+    ("world_size", "signal_at", "sig"),
+    [(1, (29, 0), signal.SIGUSR1), (2, (23, 1), signal.SIGUSR1), (1, (17, 0), signal.SIGTERM),
+     (2, (23, 1), signal.SIGTERM)],
+    ids=["1proc-at-validation-step", "ddp2-rank1-only", "sigterm-1proc", "sigterm-ddp2-rank1"],
 )
-def test_sigusr1_saves_at_step_boundary_and_resume_matches(
-    tmp_path, reference, world_size, signal_at
+def test_preemption_signal_saves_at_step_boundary_and_resume_matches(
+    tmp_path, reference, world_size, signal_at, sig
 ):
+    # SIGTERM (scancel, SLURM preemption without --signal) is a preemption like SIGUSR1: the
+    # step finishes, last.ckpt is saved and the run exits 75, never 0 (SLURM: COMPLETED).
     ref, ref_dir = reference(world_size)
     run_dir = tmp_path / "fit" / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    codes, logs, pre = fit(tmp_path, "pre", world_size, signal_at=signal_at)
+    codes, logs, pre = fit(tmp_path, "pre", world_size, signal_at=signal_at, sig=sig)
     # Every rank stops, with "try again" (only rank 1 got the signal under DDP).
     assert codes == [EXIT_PREEMPTED] * world_size, logs[-3000:]
     step = signal_at[0]
