@@ -10,12 +10,15 @@ the final) metrics, and a crashed run still leaves its last ones. Keys:
 - ``global_step``: the step of the latest write; for ``provq-fit validate|test``, the step
   of the evaluated checkpoint;
 - ``checkpoint`` (evaluations only): the evaluated checkpoint's path;
-- ``status`` (fit runs only): ``running`` while training, then ``finished``, ``failed``
+- ``status`` (fit runs only): ``running`` from the first training step on (also before the
+  first validation), then ``finished``, ``failed``
   (an exception; ``error`` holds its first line) or ``interrupted`` (Ctrl-C, SIGTERM, or a
   callback with a public ``requeued`` attribute set True, e.g. on SLURM preemption). The final
-  status is written even when the run ends before any validation. ``provq-fit validate|test``
-  leave it as the fit left it (in a directory without a fit they write ``finished``); the CLI
-  gives them their own directory (``provq_lightning.runs.eval_dir``), so a fit's file is its own.
+  status is written even when the run ends before any validation. A fit that fails or is
+  refused before it begins (a resume whose checkpoint does not fit) leaves the file untouched.
+  ``provq-fit validate|test`` leave it as the fit left it (in a directory without a fit they
+  write ``finished``); the CLI gives them their own directory
+  (``provq_lightning.runs.eval_dir``), so a fit's file is its own.
 """
 
 from __future__ import annotations
@@ -79,11 +82,22 @@ class MetricsJsonCallback(Callback):
         self.filename = filename
         self._log_dir: str | None = None
         self._checkpoint_step: int | None = None  # of the checkpoint an evaluation restored
+        self._fit_started = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._fit_started = False
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # `trainer.log_dir` is a broadcast under DDP, which every rank must join: ask here, where
         # all ranks are, not in `on_exception`, which may run on one rank only.
         self._log_dir = trainer.log_dir
+        self._fit_started = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After the whole restore: a resumed run shows its own step, its metrics kept.
+        path = self._path(trainer, ask=False)
+        if path is not None:
+            self._update(path, trainer, {}, RUNNING)
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -160,8 +174,8 @@ class MetricsJsonCallback(Callback):
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
-        if trainer.state.fn != TrainerFn.FITTING:
-            return
+        if trainer.state.fn != TrainerFn.FITTING or not self._fit_started:
+            return  # failed or refused before the fit began (a resume): the file stays as it was
         path = self._path(trainer, ask=False)
         if path is None:
             return

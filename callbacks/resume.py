@@ -6,11 +6,16 @@ while the optimizer kept the old one. This callback applies the configured optim
 hyper-parameters after the restore (keeping the optimizer's moments) and says so; curriculum
 settings are fixed for a run and refused by ``CurriculumCallback`` instead. It also lets a
 changed checkpoint interval keep writing ``last.ckpt`` (Lightning started a ``last-v1.ckpt``
-when the checkpoint callback's state key changed), and prints what was restored.
+when the checkpoint callback's state key changed), and prints what was restored. A resume that
+fails or is refused before training starts (a checkpoint that does not fit the model, changed
+curriculum settings) leaves the run directory as it was: the TensorBoard event file Lightning
+opened for it at setup is removed again.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +76,29 @@ class ResumeCallback(Callback):
 
     def __init__(self) -> None:
         self._configured: list[list[dict[str, Any]]] | None = None
+        self._log_dir: str | None = None
+        self._fit_started = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            # A collective under DDP: asked here, where every rank is (not in on_exception).
+            self._log_dir, self._fit_started = trainer.log_dir, False
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        if self._fit_started or not trainer.ckpt_path or not trainer.is_global_zero:
+            return
+        if self._log_dir is None:
+            return
+        # Lightning opened the loggers' writers at setup, before the checkpoint was restored:
+        # a refused resume would leave an empty event file in the run it refused to touch.
+        pattern = f"events.out.tfevents.*.{socket.gethostname()}.{os.getpid()}.*"
+        for path in Path(self._log_dir).glob(pattern):
+            path.unlink(missing_ok=True)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_started = True
         # Between building the optimizers from the config and restoring their checkpoint state.
         self._configured = [
             [_group_settings(group) for group in optimizer.param_groups]

@@ -116,6 +116,36 @@ def test_changed_settings_on_resume_are_applied_or_refused_and_the_config_kept(t
     assert "lr: 0.0005" in (run / "config.yaml").read_text()
 
 
+def test_a_refused_resume_leaves_the_run_directory_byte_identical(tmp_path):
+    from tests.helpers import run_files
+
+    run = tmp_path / "runs" / "topodisc_provq" / "version_0"
+    pin = ("--trainer.logger.init_args.version", "0", "--trainer.max_steps", "20")
+    assert provq_fit(tmp_path, *pin).returncode == 0
+    before = run_files(run)
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
+    for change in (("--model.init_args.num_codes", "16"), ("--curriculum.warmup_steps", "500")):
+        refused = provq_fit(tmp_path, *pin, "--ckpt_path", "last", *change)
+        one_error_line(refused)
+        # No metrics.json rewritten to "failed" at step 0, no empty TensorBoard event file.
+        assert run_files(run) == before, change
+
+
+def test_metrics_json_says_running_from_the_first_step(tmp_path):
+    proc = provq_fit(tmp_path, "--trainer.max_steps", "400", "--trainer.val_check_interval",
+                     "400", wait=False)
+    metrics = tmp_path / "runs" / "topodisc_provq" / "version_0" / "metrics.json"
+    try:
+        deadline = time.monotonic() + 240
+        while not metrics.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.1)
+        assert json.loads(metrics.read_text())["status"] == "running"  # before any validation
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_second_fit_into_a_live_run_directory_refuses_naming_host_and_pid(tmp_path):
     pin = ("--trainer.logger.init_args.version", "live")
     holder = provq_fit(tmp_path, *pin, "--trainer.max_steps", "100000", wait=False)
