@@ -1,5 +1,5 @@
 """``callbacks/`` and ``datamodules/`` live at the repository's top level but are imported only as
-``provq_lightning.callbacks`` / ``provq_lightning.datamodules`` (symlinks in ``provq_lightning/``),
+``provq_lightning.callbacks`` / ``provq_lightning.datamodules`` (folders mapped by ``setup.py``),
 so an installed provq never needs, or collides with, a top-level ``callbacks`` package (PyPI has
 one) or a user's own ``datamodules``; every ``class_path`` a shipped config names imports."""
 
@@ -23,7 +23,6 @@ CONFIGS = sorted((REPO / "experiments").rglob("*.yaml"))
 
 
 def _sources() -> list[Path]:
-    # rglob does not descend into provq_lightning/callbacks (a symlink): each file is seen once.
     return sorted(p for d in SOURCE_DIRS for p in (REPO / d).rglob("*.py"))
 
 
@@ -42,10 +41,12 @@ def _top_level_imports(path: Path) -> list[str]:
 
 
 def test_the_moved_packages_are_the_repository_folders():
-    """The symlinks resolve: editing callbacks/ is editing provq_lightning.callbacks."""
+    """The mapping holds: editing callbacks/ is editing provq_lightning.callbacks."""
+    from importlib.resources import files
+
     assert Path(provq_lightning.callbacks.__file__).resolve().parent == REPO / "callbacks"
     assert Path(provq_lightning.datamodules.__file__).resolve().parent == REPO / "datamodules"
-    assert (REPO / "provq_lightning" / "experiments").resolve() == REPO / "experiments"
+    assert Path(str(files("provq_lightning.experiments"))).resolve() == REPO / "experiments"
 
 
 def test_no_module_imports_top_level_callbacks_or_datamodules():

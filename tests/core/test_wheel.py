@@ -17,8 +17,16 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 # What a build needs; the copy keeps build/ and *.egg-info out of the checkout.
-NOT_BUILT = (".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", "tests", "docs",
-             ".pytest_cache", ".ruff_cache", "lightning_logs")
+# Folders of the checkout's top level that a build never reads (runs/ is the output folder, not
+# the provq_lightning/runs package), and caches anywhere.
+NOT_BUILT = (".git", ".venv", "runs", "build", "tests", "docs", ".pytest_cache", ".ruff_cache",
+             "lightning_logs")
+CACHES = shutil.ignore_patterns("*.egg-info", "__pycache__")
+
+
+def _not_built(folder: str, names: list[str]) -> set[str]:
+    top = {n for n in names if n in NOT_BUILT} if Path(folder) == REPO else set()
+    return top | set(CACHES(folder, names))
 
 
 def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -31,7 +39,7 @@ def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 def wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(*NOT_BUILT))
+    shutil.copytree(REPO, src, symlinks=True, ignore=_not_built)
     _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
           "--no-index", "-w", str(tmp / "dist"), str(src)])
     (built,) = (tmp / "dist").glob("provq-*.whl")
