@@ -38,6 +38,7 @@ from rich.progress import Progress
 from provq_lightning.errors import ProvqError
 from provq_lightning.runs.loading import dataloader, load_run
 from provq_lightning.tokens.reader import FORMATS, RETOKENIZE, read_codes, read_meta
+from provq_lightning.tokens.staging import check_output_folder, staged_output
 from provq_lightning.tokens.writer import CodeWriter, code_dtype
 
 SPLITS = ("predict", "val", "test", "train")
@@ -94,25 +95,28 @@ def _tokenize(argv: list[str] | None) -> None:
     if args.ten_crop and args.format != LLAMAGEN:
         raise ProvqError("--ten-crop only applies to --format llamagen; drop it or add "
                          "--format llamagen")
+    if args.format != LLAMAGEN:
+        check_output_folder(args.out)  # before minutes of loading and tokenizing
     model, cfg = load_run(args.ckpt, args.config, args.data_config, args.device)
     if args.format == LLAMAGEN:
         _tokenize_llamagen(args, model, cfg)
         return
     loader, _ = dataloader(cfg, args.split)
-    writer = CodeWriter(args.out, args.format, code_dtype(model.quantizer.num_codes),
-                        args.shard_size)
-    with Progress() as progress, torch.inference_mode():
-        task = progress.add_task("tokenizing", total=args.limit)
-        for batch in loader:
-            for key, codes in model.tokenize_batch(batch):
+    with staged_output(args.out) as out:
+        writer = CodeWriter(out, args.format, code_dtype(model.quantizer.num_codes),
+                            args.shard_size)
+        with Progress() as progress, torch.inference_mode():
+            task = progress.add_task("tokenizing", total=args.limit)
+            for batch in loader:
+                for key, codes in model.tokenize_batch(batch):
+                    if args.limit is not None and writer.count >= args.limit:
+                        break
+                    writer.add(key, codes)
+                    progress.advance(task)
                 if args.limit is not None and writer.count >= args.limit:
                     break
-                writer.add(key, codes)
-                progress.advance(task)
-            if args.limit is not None and writer.count >= args.limit:
-                break
-    writer.close({"num_codes": model.quantizer.num_codes, "checkpoint": str(args.ckpt),
-                  "model": cfg["model"]["class_path"], "split": args.split})
+        writer.close({"num_codes": model.quantizer.num_codes, "checkpoint": str(args.ckpt),
+                      "model": cfg["model"]["class_path"], "split": args.split})
     print(f"wrote codes of {writer.count} items to {args.out} ({args.format})")
 
 
