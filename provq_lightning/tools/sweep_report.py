@@ -17,10 +17,13 @@ from typing import Any
 
 import yaml
 
+from provq_lightning.reporting.mean_sd_table import Column, Group, TableStyle, mean_sd_table
 from provq_lightning.tools.sweep_spec import STATUS_FILE, Sweep
 
 DONE, FAILED, INCOMPLETE, MISSING = "done", "failed", "incomplete", "missing"
 MAX_PLOTS = 6
+# Each cell averages the finished tasks that have the metric; a lone one shows "± 0".
+SUMMARY_STYLE = TableStyle(partial=None, empty="—", lone_sd=True, drop_empty_columns=False)
 
 
 @dataclass
@@ -119,24 +122,16 @@ def _groups(sweep: Sweep, rows: list[Row]) -> dict[tuple, list[Row]]:
 def summary_markdown(sweep: Sweep, rows: list[Row], columns: list[str]) -> list[str]:
     over = sweep.report.average_over
     keep = [a for a in sweep.axes if a != over]
-    lines = [
-        f"### Mean ± std over {over} (finished tasks only)",
-        "",
-        "| " + " | ".join([*keep, "finished", *columns]) + " |",
-        "|" + "---|" * (len(keep) + 1 + len(columns)),
-    ]
+    groups = []
     for key, group in _groups(sweep, rows).items():
         done = [r for r in group if r.status == DONE]
         cells = [str(k) for k in key] + [f"{len(done)}/{len(group)}"]
-        for col in columns:
-            values = [r.metrics[col] for r in done if col in r.metrics]
-            if not values:
-                cells.append("—")
-            else:
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                cells.append(f"{statistics.fmean(values):.4g} ± {std:.2g}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        groups.append(Group(cells, [r.metrics for r in done]))
+    table = mean_sd_table(
+        [*keep, "finished"], groups, [Column(c, c, "{:.4g}", "{:.2g}") for c in columns],
+        style=SUMMARY_STYLE,
+    )
+    return [f"### Mean ± std over {over} (finished tasks only)", "", table]
 
 
 def markdown(sweep: Sweep, rows: list[Row], columns: list[str]) -> str:
