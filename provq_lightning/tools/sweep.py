@@ -256,7 +256,12 @@ def run_locally(sweep: Sweep, out: Path, jobs: int, restart: bool) -> int:
     """``provq-sweep run``: every task here; one line on stderr per failed task, exit 1."""
     from provq_lightning.tools.sweep_local import run_sweep  # rich and subprocesses only here
 
-    outcomes = run_sweep(sweep, out, jobs, restart)
+    try:
+        outcomes = run_sweep(sweep, out, jobs, restart)
+    except KeyboardInterrupt:
+        print("provq-sweep: interrupted; the running tasks were stopped (run again to resume "
+              "them from their last.ckpt)", file=sys.stderr)
+        return 130
     failed = [o for o in outcomes if o.exit_code != 0]
     for outcome in failed:
         print(f"provq-sweep: {outcome.failure()}", file=sys.stderr)

@@ -18,8 +18,9 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,8 @@ class LocalRunner:
                 del self._running[task.name]
                 names = list(self._running)
             self.changed(names)
+        if self.stopping.is_set():  # stopped by us: no exit status, the next run resumes it
+            return Outcome(task, 130, log)
         code = code if code >= 0 else 128 - code  # killed by a signal: as bash reports it
         payload = {"exit_code": code, "job": "local", "restarts": 0}
         (run_dir / STATUS_FILE).write_text(json.dumps(payload) + "\n")
@@ -130,6 +133,24 @@ class LocalRunner:
         with self._lock:
             for proc in self._running.values():
                 proc.send_signal(signal.SIGTERM)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so a killed runner stops its provq-fit
+    children instead of leaving them running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_sweep(sweep: Sweep, out: Path, jobs: int = 1, restart: bool = False,
@@ -152,7 +173,7 @@ def run_sweep(sweep: Sweep, out: Path, jobs: int = 1, restart: bool = False,
     runner = LocalRunner(
         sweep, out, restart, lambda names: progress.update(bar, running=", ".join(names))
     )
-    with progress, ThreadPoolExecutor(max(1, jobs)) as pool:
+    with progress, ThreadPoolExecutor(max(1, jobs)) as pool, _sigterm_interrupts():
         futures = [pool.submit(runner.run, task) for task in sweep.tasks]
         try:
             for future in as_completed(futures):
@@ -160,7 +181,7 @@ def run_sweep(sweep: Sweep, out: Path, jobs: int = 1, restart: bool = False,
                 outcomes[outcome.task.index] = outcome
                 failed = sum(o.exit_code != 0 for o in outcomes.values())
                 progress.update(bar, advance=1, failed=f"{failed} failed" if failed else "")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the runs, start no more
             runner.stop()
             for future in futures:
                 future.cancel()
