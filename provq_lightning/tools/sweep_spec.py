@@ -26,12 +26,6 @@ INT_KEYS = ("nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "max_p
 CLI_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-def task_log(out: Path, task: Task) -> Path:
-    """Where ``provq-sweep run`` writes a task's output: next to its run directory."""
-    run_dir = out / task.run_dir
-    return run_dir.with_name(run_dir.name + ".log")
-
-
 class SweepError(ValueError):
     """A problem with a sweep file, worded as ``<file>: <key>: <problem and fix>``."""
 
@@ -92,6 +86,12 @@ class Task:
             "--trainer.logger.init_args.version", run_dir.name,
             "--trainer.default_root_dir", str(run_dir),
         ]  # fmt: skip
+
+
+def task_log(out: Path, task: Task) -> Path:
+    """Where ``provq-sweep run`` writes a task's output: next to its run directory."""
+    run_dir = out / task.run_dir
+    return run_dir.with_name(run_dir.name + ".log")
 
 
 @dataclass
