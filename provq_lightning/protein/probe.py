@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.reporting.run_report import parse_runs, run_cli, spread
+from provq_lightning.reporting.mean_sd_table import Group, mean_sd_table
+from provq_lightning.reporting.run_report import parse_runs, run_cli
 
 SSE_CLASSES = ("helix", "strand", "coil")
 NO_LABEL = -1  # no CA, or P-SEA gave no label
@@ -282,12 +283,13 @@ def tables(results: dict[str, list[tuple[Path, ProbeResult]]]) -> str:
     """Markdown: one row per NAME (mean ± sd over its runs), then one row per run."""
     head = " | ".join(h for _, h, _ in COLUMNS)
     rule = "|---" * (len(COLUMNS) + 2) + "|"
-    lines = [f"| run | residues (train / val) | {head} |", rule]
+    groups = []
     for name, runs in results.items():
         rs = [r for _, r in runs]
-        cells = [spread([float(getattr(r, key)) for r in rs], fmt) for key, _, fmt in COLUMNS]
         label = name if len(rs) == 1 else f"{name} ({len(rs)} runs)"
-        lines.append(f"| {label} | {_residues(rs)} | " + " | ".join(cells) + " |")
+        metrics = [{key: float(getattr(r, key)) for key, _, _ in COLUMNS} for r in rs]
+        groups.append(Group((label, _residues(rs)), metrics))
+    lines = [mean_sd_table(("run", "residues (train / val)"), groups, COLUMNS)]
     lines += ["", f"| run | directory | residues (train / val) | {head} |", "|---" + rule]
     for name, runs in results.items():
         for run_dir, r in runs:

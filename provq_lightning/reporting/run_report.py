@@ -2,14 +2,14 @@
 as mean ± sd over seeds, per-run tables and learning curves from TensorBoard events.
 
 A variant is a name and its run directories (provq-fit log folders, one per seed). Every table
-is markdown; a column is ``(metrics.json key, header, format)``.
+is markdown; a column is ``(metrics.json key, header, format)`` (a ``mean_sd_table.Column``),
+and the seed table is ``mean_sd_table``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 
 from provq_lightning.errors import ProvqError
+from provq_lightning.reporting.mean_sd_table import Column, Group, mean_sd_table
 
-Column = tuple[str, str, str]  # (metrics key, header, format)
 Panel = tuple[str, float, str]  # (scalar tag, scale, y-axis label)
 Metrics = dict[str, float]
 
@@ -57,40 +57,27 @@ def read_metrics(run_dir: Path) -> Metrics:
     return json.loads(path.read_text())
 
 
-def spread(values: Sequence[float], fmt: str) -> str:
-    """``mean ± sd`` (sample standard deviation) over seeds, or the one value."""
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
-
-
 def seed_table(runs: dict[str, list[Metrics]], columns: Sequence[Column]) -> str:
     """One row per variant: each column as mean ± sd over its runs (seeds); a column no run
     has is left out, a cell some seed lacks is ``n/a`` (a mean of fewer seeds would mislead)."""
-    every = [m for ms in runs.values() for m in ms]
-    shown = [c for c in columns if any(c[0] in m for m in every)]
-    rows = ["| run | steps | " + " | ".join(label for _, label, _ in shown) + " |",
-            "|" + "---|" * (len(shown) + 2)]
+    groups = []
     for name, ms in runs.items():
-        cells = []
-        for key, _, fmt in shown:
-            values = [float(m[key]) for m in ms if key in m]
-            cells.append(spread(values, fmt) if len(values) == len(ms) else "n/a")
         steps = sorted({int(m.get("global_step", 0)) for m in ms})
         label = name if len(ms) == 1 else f"{name} ({len(ms)} seeds)"
-        rows.append(f"| {label} | {'/'.join(map(str, steps))} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        groups.append(Group((label, "/".join(map(str, steps))), ms))
+    return mean_sd_table(("run", "steps"), groups, columns)
 
 
 def per_run_table(runs: dict[str, list[Metrics]], dirs: dict[str, list[Path]],
                   columns: Sequence[Column]) -> str:
     """One row per run directory with its own values of ``columns``: the spread behind the
     mean."""
-    rows = ["| run | directory | " + " | ".join(label for _, label, _ in columns) + " |",
-            "|" + "---|" * (len(columns) + 2)]
+    shown = [Column(*c) for c in columns]
+    rows = ["| run | directory | " + " | ".join(c.header for c in shown) + " |",
+            "|" + "---|" * (len(shown) + 2)]
     for name, ms in runs.items():
         for m, d in zip(ms, dirs[name], strict=True):
-            cells = [fmt.format(m[key]) if key in m else "n/a" for key, _, fmt in columns]
+            cells = [c.fmt.format(m[c.key]) if c.key in m else "n/a" for c in shown]
             rows.append(f"| {name} | {d.parent.name}/{d.name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

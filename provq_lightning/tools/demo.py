@@ -1,81 +1,59 @@
 """``make demo``: TopoDisc, vanilla VQ against ProVQ (and the other variants) over several seeds.
 
-Each (variant, seed) is an ordinary ``provq-fit`` run of ``experiments/topodisc_<variant>.yaml``;
-this script only schedules them, reads each run's ``metrics.json`` and prints the comparison
-the paper makes: per-component reconstruction error of the hard-quantized model.
+The runs are the TopoDisc sweep file, ``experiments/sweeps/topodisc.yaml``, run on this machine
+by ``provq-sweep run``'s runner (one ordinary ``provq-fit`` per variant and seed, from scratch,
+``--jobs`` at a time); this script picks the seeds and variants, reads each run's
+``metrics.json`` and prints the comparison the paper makes: per-component reconstruction error
+of the hard-quantized model.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
-import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-# provq_lightning/tools/demo.py -> the checkout (runs/ is written there; the configs ship in the
-# package as provq_lightning/experiments, a link to the checkout's experiments/).
+from provq_lightning.reporting.mean_sd_table import (
+    Column,
+    Group,
+    TableStyle,
+    mean_sd,
+    mean_sd_table,
+)
+from provq_lightning.tools.sweep_local import run_sweep
+from provq_lightning.tools.sweep_spec import Sweep, SweepError, load_sweep
+
+# provq_lightning/tools/demo.py -> the checkout (runs/ is written there; the sweep file's config
+# paths are relative to it).
 REPO = Path(__file__).resolve().parents[2]
+SWEEP = Path("experiments") / "sweeps" / "topodisc.yaml"
+RUN_DIR = "topodisc_{variant}/seed_{seed}"  # <out>/topodisc_provq/seed_0, as the demo always had
 VARIANTS = ("vanilla", "soft", "deferred", "provq")
 COLUMNS = ("val/mse_disk", "val/mse_triangle", "val/mse", "val/utilization", "val/perplexity")
+TABLE = (
+    Column("val/mse_disk", "MSE disk", "{:.4f}"),
+    Column("val/mse_triangle", "MSE triangle", "{:.4f}"),
+    Column("val/mse", "MSE all", "{:.4f}", with_sd=False),
+    Column("val/utilization", "utilization", "{:.2f}", with_sd=False),
+)
+TABLE_STYLE = TableStyle(lone_sd=True, drop_empty_columns=False)
 
 
 def run_dir(out: Path, variant: str, seed: int) -> Path:
     return out / f"topodisc_{variant}" / f"seed_{seed}"
 
 
-def fit_command(variant: str, seed: int, out: Path, max_steps: int | None) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "provq_lightning.tools.fit",
-        "fit",
-        "--config",
-        str(REPO / "experiments" / f"topodisc_{variant}.yaml"),
-        "--seed_everything",
-        str(seed),
-        "--data.init_args.seed",
-        str(seed),
-        "--trainer.logger.init_args.save_dir",
-        str(out),
-        "--trainer.logger.init_args.version",
-        f"seed_{seed}",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-    ]
-    if max_steps is not None:
-        cmd += ["--trainer.max_steps", str(max_steps)]
-    return cmd
-
-
-def run_one(variant: str, seed: int, out: Path, max_steps: int | None) -> dict[str, float]:
-    directory = run_dir(out, variant, seed)
-    log = directory.parent / f"seed_{seed}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    # One thread per run: the model is tiny and the runs go side by side.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log, "w") as fh:
-        proc = subprocess.run(
-            fit_command(variant, seed, out, max_steps),
-            cwd=REPO,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{variant} seed {seed} failed (exit {proc.returncode}); see {log}")
-    return json.loads((directory / "metrics.json").read_text())
+def demo_sweep(variants: list[str], seeds: list[int], max_steps: int | None) -> Sweep:
+    """The sweep file's tasks for these variants and seeds (run from the checkout)."""
+    overrides = {} if max_steps is None else {"trainer.max_steps": max_steps}
+    levels = {"variant": list(variants), "seed": list(seeds)}
+    return load_sweep(SWEEP, overrides, levels=levels, run_dir=RUN_DIR)
 
 
 def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -83,9 +61,7 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
     for variant, runs in results.items():
         row = {}
         for col in COLUMNS:
-            values = [r[col] for r in runs]
-            row[col] = statistics.fmean(values)
-            row[col + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[col], row[col + "_std"] = mean_sd([r[col] for r in runs])
         summary[variant] = row
     if "vanilla" in summary:
         base = summary["vanilla"]["val/mse_triangle"]
@@ -101,23 +77,17 @@ def improvement_text(variant: str, improvement: float | None) -> str:
     return "baseline" if variant == "vanilla" else f"{-100 * improvement:+.1f}%"
 
 
-def markdown_table(summary: dict[str, dict[str, float]], seeds: list[int]) -> str:
-    lines = [
-        "| variant | MSE disk | MSE triangle | MSE all | utilization | triangle vs vanilla |",
-        "|---|---|---|---|---|---|",
+def summary_markdown(results: dict[str, list[dict[str, float]]],
+                     summary: dict[str, dict[str, float]], seeds: list[int]) -> str:
+    """``summary.md``: mean ± sd per variant and the triangle change against vanilla."""
+    groups = [
+        Group((variant,), runs,
+              (improvement_text(variant, summary[variant].get("triangle_improvement")),))
+        for variant, runs in results.items()
     ]
-    for variant, row in summary.items():
-        imp = row.get("triangle_improvement")
-        lines.append(
-            f"| {variant} | {row['val/mse_disk']:.4f} ± {row['val/mse_disk_std']:.4f} "
-            f"| {row['val/mse_triangle']:.4f} ± {row['val/mse_triangle_std']:.4f} "
-            f"| {row['val/mse']:.4f} | {row['val/utilization']:.2f} "
-            f"| {improvement_text(variant, imp)} |"
-        )
-    lines.append(
-        f"\nMean ± std over seeds {', '.join(map(str, seeds))}; hard-quantized validation."
-    )
-    return "\n".join(lines)
+    table = mean_sd_table(("variant",), groups, TABLE, ("triangle vs vanilla",), TABLE_STYLE)
+    return (f"{table}\n\nMean ± std over seeds {', '.join(map(str, seeds))}; "
+            "hard-quantized validation.")
 
 
 def embedding_panel(out: Path, variants: list[str], seed: int, path: Path) -> None:
@@ -126,20 +96,15 @@ def embedding_panel(out: Path, variants: list[str], seed: int, path: Path) -> No
 
     from provq_lightning.datamodules.topodisc import make_topodisc
     from provq_lightning.reporting.plots import embedding_figure
-    from provq_lightning.runs.checkpoint_check import load_checkpoint
-    from provq_lightning.topodisc import TopoDiscTokenizer
+    from provq_lightning.runs.loading import load_run
 
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 4.4))
     axes = [axes] if len(variants) == 1 else list(axes)
     points, labels = make_topodisc(seed=seed + 10_000)
     for ax, variant in zip(axes, variants, strict=True):
         ckpt = run_dir(out, variant, seed) / "checkpoints" / "last.ckpt"
-        payload = load_checkpoint(ckpt)  # weights-only, like every file provq reads
-        saved = payload["hyper_parameters"]  # LightningCLI adds _class_path and the like
-        accepted = inspect.signature(TopoDiscTokenizer.__init__).parameters
-        model = TopoDiscTokenizer(**{k: v for k, v in saved.items() if k in accepted})
-        model.load_state_dict(payload["state_dict"])
-        model.eval()
+        # The model from the run's config.yaml, its weights read weights-only, as every tool.
+        model, _ = load_run(ckpt, None, None, "cpu")
         with torch.no_grad():
             latents = model.quantizer.prepare(model.encoder(points))
         tri = json.loads((run_dir(out, variant, seed) / "metrics.json").read_text())
@@ -166,25 +131,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     console = Console()
     out = args.out.resolve()
-    tasks = [(v, s) for v in args.variants for s in args.seeds]
-    results: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
+    os.chdir(REPO)  # the sweep file names its configs relative to the checkout
+    try:
+        sweep = demo_sweep(args.variants, args.seeds, args.max_steps)
+    except SweepError as exc:
+        sys.exit(f"demo: {exc}")
     console.print(
         f"[bold]TopoDisc[/]: {len(args.variants)} variants x {len(args.seeds)} seeds -> {out}"
     )
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        bar = progress.add_task("provq-fit runs", total=len(tasks))
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {pool.submit(run_one, v, s, out, args.max_steps): (v, s) for v, s in tasks}
-            for fut in as_completed(futures):
-                variant, seed = futures[fut]
-                results[variant].append(fut.result())
-                progress.advance(bar)
+    outcomes = run_sweep(sweep, out, args.jobs, restart=True, console=console)
+    failed = [o for o in outcomes if o.exit_code != 0]
+    for outcome in failed:
+        print(f"demo: {outcome.failure()}", file=sys.stderr)
+    if failed:
+        sys.exit(1)
+    results = {
+        v: [json.loads((run_dir(out, v, s) / "metrics.json").read_text()) for s in args.seeds]
+        for v in args.variants
+    }
     summary = summarize(results)
     table = Table(title="TopoDisc: hard-quantized reconstruction MSE (mean over seeds)")
     columns = ("variant", "MSE disk", "MSE triangle", "MSE all", "utilization", "tri. vs vanilla")
@@ -202,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     console.print(table)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(markdown_table(summary, args.seeds) + "\n")
+    (out / "summary.md").write_text(summary_markdown(results, summary, args.seeds) + "\n")
     figure = out / "embeddings.png"
     embedding_panel(out, args.variants, args.seeds[0], figure)
     console.print(f"Table: {out / 'summary.md'}   Figure: {figure}")

@@ -1,13 +1,15 @@
-"""``provq-sweep``: run a sweep file as one SLURM array job, and report on its runs.
+"""``provq-sweep``: run a sweep file here or as one SLURM array job, and report on its runs.
 
+    provq-sweep run    experiments/sweeps/topodisc.yaml --jobs 2  # every task on this machine
     provq-sweep render experiments/sweeps/topodisc.yaml      # print the sbatch script (DRY_RUN=1)
     provq-sweep submit experiments/sweeps/topodisc.yaml      # sbatch --array, one task per run
     provq-sweep report experiments/sweeps/topodisc.yaml      # table (md, csv) and plot
     provq-sweep tasks  experiments/sweeps/topodisc.yaml      # index, run directory, arguments
 
-Each array task runs ``srun provq-fit`` in its own run directory ``<out>/<task>`` (the
-TensorBoard log dir, Lightning's ``default_root_dir`` and the checkpoint dir), so a requeued
-task finds its own checkpoint, continues its TensorBoard run and rewrites its ``config.yaml``.
+Each task runs ``provq-fit`` (``srun provq-fit`` in an array task) in its own run directory,
+``<out>/<task>`` unless the sweep file's ``run_dir`` says otherwise (the TensorBoard log dir,
+Lightning's ``default_root_dir`` and the checkpoint dir), so a restarted task finds its own
+checkpoint, continues its TensorBoard run and rewrites its ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from provq_lightning.tools.sweep_spec import (
     SweepError,
     load_sweep,
     parse_assignment,
+    parse_levels,
 )
 
 
@@ -79,16 +82,18 @@ def render_script(sweep: Sweep, out: Path, workdir: Path | None = None) -> str:
         *(f"#SBATCH {opt}" for opt in sbatch_options(sweep, out, workdir)),
         "set -uo pipefail  # no -e: the task's exit code is recorded below",
         "",
-        f"SWEEP_DIR={q(str(out))}",
         'case "$SLURM_ARRAY_TASK_ID" in',
     ]
     for task in sweep.tasks:
-        args = " ".join(q(a) for a in task.args)
-        lines += [f"  {task.index}) TASK={q(task.name)}", f"     ARGS=({args}) ;;"]
+        args = " ".join(q(a) for a in [*task.args, *task.logger_args(out)])
+        lines += [
+            f"  {task.index}) TASK={q(task.name)}",
+            f"     RUN_DIR={q(str(out / task.run_dir))}",
+            f"     ARGS=({args}) ;;",
+        ]
     lines += [
         '  *) echo "sweep has no task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;',
         "esac",
-        'RUN_DIR="$SWEEP_DIR/$TASK"',
         'mkdir -p "$RUN_DIR"',
         f'if grep -qs \'"exit_code": 0\' "$RUN_DIR/{STATUS_FILE}"; then',
         '  echo "[provq-sweep] $TASK already finished"; exit 0',
@@ -115,10 +120,6 @@ def render_script(sweep: Sweep, out: Path, workdir: Path | None = None) -> str:
         # srun of SLURM 22.05 no longer inherits --cpus-per-task from sbatch: pass it on.
         "srun --kill-on-bad-exit=1 --cpus-per-task=${SLURM_CPUS_PER_TASK:-1} \\",
         f'  {q(provq_fit_executable())} fit "${{ARGS[@]}}" \\',
-        f"  --trainer.logger.init_args.save_dir {q(str(out.parent))} \\",
-        f"  --trainer.logger.init_args.name {q(out.name)} \\",
-        '  --trainer.logger.init_args.version "$TASK" \\',
-        '  --trainer.default_root_dir "$RUN_DIR" \\',
         '  --trainer.num_nodes "$SLURM_JOB_NUM_NODES" \\',
         '  "${RESUME[@]}"',
         "STATUS=$?",
@@ -141,7 +142,8 @@ def write_manifest(sweep: Sweep, out: Path, job_id: str | None) -> Path:
         "axes": sweep.axes,
         "jobs": jobs + ([job_id] if job_id else []),
         "tasks": [
-            {"index": t.index, "name": t.name, "levels": t.levels, "args": t.args}
+            {"index": t.index, "name": t.name, "levels": t.levels, "args": t.args,
+             "run_dir": t.run_dir}
             for t in sweep.tasks
         ],
     }
@@ -181,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="provq-sweep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
+        ("run", "run every task on this machine, --jobs at a time; finished tasks are skipped"),
         ("render", "print the sbatch array script, submit nothing"),
         ("submit", "write the script under the sweep directory and sbatch it"),
         ("report", "collect every task's metrics.json into report.md/.csv/.png"),
@@ -197,6 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="extra provq-fit override for every task, e.g. trainer.max_steps=300",
         )
+        p.add_argument(
+            "--levels",
+            action="append",
+            default=[],
+            metavar="AXIS=L1,L2",
+            help="only these levels of a named axis, or these values for a plain one "
+            "(e.g. --levels seed=0,1 --levels variant=provq)",
+        )
+        p.add_argument(
+            "--run-dir",
+            metavar="TEMPLATE",
+            help="each task's run directory under --out, e.g. '{variant}/seed_{seed}' "
+            "(default: the file's run_dir, else the task name)",
+        )
+        if name == "run":
+            p.add_argument("--jobs", type=int, default=1, help="tasks at a time (default 1)")
+            p.add_argument(
+                "--restart",
+                action="store_true",
+                help="delete each task's run directory and log first: run all from scratch",
+            )
         if name in ("render", "submit"):
             group = p.add_argument_group("SLURM resources (override the sweep file's slurm:)")
             group.add_argument("--partition")
@@ -228,18 +252,39 @@ SLURM_FLAGS = (
 )
 
 
+def run_locally(sweep: Sweep, out: Path, jobs: int, restart: bool) -> int:
+    """``provq-sweep run``: every task here; one line on stderr per failed task, exit 1."""
+    from provq_lightning.tools.sweep_local import run_sweep  # rich and subprocesses only here
+
+    try:
+        outcomes = run_sweep(sweep, out, jobs, restart)
+    except KeyboardInterrupt:
+        print("provq-sweep: interrupted; the running tasks were stopped (run again to resume "
+              "them from their last.ckpt)", file=sys.stderr)
+        return 130
+    failed = [o for o in outcomes if o.exit_code != 0]
+    for outcome in failed:
+        print(f"provq-sweep: {outcome.failure()}", file=sys.stderr)
+    done = len(outcomes) - len(failed)
+    print(f"sweep {sweep.name!r}: {done} of {len(outcomes)} tasks done -> {out}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         overrides = dict(parse_assignment(a) for a in args.overrides)
         slurm = {k: getattr(args, k, None) for k in SLURM_FLAGS}
-        sweep = load_sweep(args.sweep, overrides, slurm)
+        levels = dict(parse_levels(a) for a in args.levels)
+        sweep = load_sweep(args.sweep, overrides, slurm, levels, args.run_dir)
         out = (args.out or default_out(sweep)).resolve()
+        if args.command == "run":
+            return run_locally(sweep, out, args.jobs, args.restart)
         if args.command == "render":
             sys.stdout.write(render_script(sweep, out))
         elif args.command == "tasks":
             for task in sweep.tasks:
-                print(f"{task.index}\t{out / task.name}\t{shlex.join(task.args)}")
+                print(f"{task.index}\t{out / task.run_dir}\t{shlex.join(task.args)}")
         elif args.command == "submit":
             job_id = submit(sweep, out, wait=args.wait)
             where = "" if args.out is None else f" SWEEP_OUT={args.out}"

@@ -17,10 +17,13 @@ from typing import Any
 
 import yaml
 
-from provq_lightning.tools.sweep_spec import STATUS_FILE, Sweep
+from provq_lightning.reporting.mean_sd_table import Column, Group, TableStyle, mean_sd_table
+from provq_lightning.tools.sweep_spec import STATUS_FILE, Sweep, Task, task_log
 
 DONE, FAILED, INCOMPLETE, MISSING = "done", "failed", "incomplete", "missing"
 MAX_PLOTS = 6
+# Each cell averages the finished tasks that have the metric; a lone one shows "± 0".
+SUMMARY_STYLE = TableStyle(partial=None, empty="—", lone_sd=True, drop_empty_columns=False)
 
 
 @dataclass
@@ -51,14 +54,17 @@ def _max_steps(run_dir: Path) -> int | None:
     return steps if steps > 0 else None
 
 
-def _task_log(out: Path, index: int) -> str:
-    logs = sorted((out / "slurm").glob(f"*_{index}.out"), key=lambda p: p.stat().st_mtime)
+def _task_log(out: Path, task: Task) -> str:
+    """The newest log of the task: a SLURM array log, or the one ``provq-sweep run`` wrote."""
+    logs = [*(out / "slurm").glob(f"*_{task.index}.out"), task_log(out, task)]
+    logs = sorted((p for p in logs if p.is_file()), key=lambda p: p.stat().st_mtime)
     return f"; log {logs[-1].relative_to(out)}" if logs else ""
 
 
-def task_row(out: Path, index: int, name: str, levels: dict[str, Any]) -> Row:
+def task_row(out: Path, task: Task) -> Row:
     """Status and final metrics of one task from its run directory."""
-    run_dir = out / name
+    index, name, levels = task.index, task.name, task.levels
+    run_dir = out / task.run_dir
     metrics = _read_json(run_dir / "metrics.json")
     exit_status = _read_json(run_dir / STATUS_FILE)
     step = int(metrics.get("global_step", 0)) if metrics else None
@@ -74,12 +80,12 @@ def task_row(out: Path, index: int, name: str, levels: dict[str, Any]) -> Row:
     of_steps = f"step {step if step is not None else '-'} of {max_steps or '?'}"
     if exit_status is not None and exit_status.get("exit_code") != 0:
         row.status = FAILED
-        row.detail = f"exit {exit_status.get('exit_code')} at {of_steps}" + _task_log(out, index)
+        row.detail = f"exit {exit_status.get('exit_code')} at {of_steps}" + _task_log(out, task)
     elif finished:
         row.status = DONE
     elif exit_status is not None:  # exited 0 before max_steps, e.g. stopped by SIGTERM
         row.status = FAILED
-        row.detail = f"exited 0 at {of_steps}" + _task_log(out, index)
+        row.detail = f"exited 0 at {of_steps}" + _task_log(out, task)
     elif run_dir.is_dir():  # running, waiting for its requeue, or killed without a trace
         row.status = INCOMPLETE
         row.detail = of_steps
@@ -89,7 +95,7 @@ def task_row(out: Path, index: int, name: str, levels: dict[str, Any]) -> Row:
 
 
 def collect(sweep: Sweep, out: Path) -> list[Row]:
-    return [task_row(out, t.index, t.name, t.levels) for t in sweep.tasks]
+    return [task_row(out, t) for t in sweep.tasks]
 
 
 def metric_columns(sweep: Sweep, rows: list[Row]) -> list[str]:
@@ -119,24 +125,16 @@ def _groups(sweep: Sweep, rows: list[Row]) -> dict[tuple, list[Row]]:
 def summary_markdown(sweep: Sweep, rows: list[Row], columns: list[str]) -> list[str]:
     over = sweep.report.average_over
     keep = [a for a in sweep.axes if a != over]
-    lines = [
-        f"### Mean ± std over {over} (finished tasks only)",
-        "",
-        "| " + " | ".join([*keep, "finished", *columns]) + " |",
-        "|" + "---|" * (len(keep) + 1 + len(columns)),
-    ]
+    groups = []
     for key, group in _groups(sweep, rows).items():
         done = [r for r in group if r.status == DONE]
         cells = [str(k) for k in key] + [f"{len(done)}/{len(group)}"]
-        for col in columns:
-            values = [r.metrics[col] for r in done if col in r.metrics]
-            if not values:
-                cells.append("—")
-            else:
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                cells.append(f"{statistics.fmean(values):.4g} ± {std:.2g}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        groups.append(Group(cells, [r.metrics for r in done]))
+    table = mean_sd_table(
+        [*keep, "finished"], groups, [Column(c, c, "{:.4g}", "{:.2g}") for c in columns],
+        style=SUMMARY_STYLE,
+    )
+    return [f"### Mean ± std over {over} (finished tasks only)", "", table]
 
 
 def markdown(sweep: Sweep, rows: list[Row], columns: list[str]) -> str:

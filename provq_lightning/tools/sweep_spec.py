@@ -19,7 +19,7 @@ import yaml
 
 # Written by each sweep task next to its run: the exit code the report reads.
 STATUS_FILE = "exit_status.json"
-TOP_KEYS = ("name", "config", "grid", "tasks", "overrides", "env", "slurm", "report")
+TOP_KEYS = ("name", "config", "grid", "tasks", "overrides", "run_dir", "env", "slurm", "report")
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 INT_KEYS = ("nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "max_parallel")
@@ -63,12 +63,35 @@ class ReportSpec:
 
 @dataclass(frozen=True)
 class Task:
-    """One array task: its index, run-directory name, grid levels and ``provq-fit`` arguments."""
+    """One task: its index, name, grid levels, ``provq-fit`` arguments and run directory
+    (relative to the sweep directory; the task's name unless the sweep file says ``run_dir``)."""
 
     index: int
     name: str
     levels: dict[str, Any]
     args: list[str]
+    run_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            object.__setattr__(self, "run_dir", self.name)
+
+    def logger_args(self, out: Path) -> list[str]:
+        """provq-fit arguments that make ``out/run_dir`` the run directory: the TensorBoard
+        log dir (logger ``save_dir/name/version``), Lightning's root and the checkpoint dir."""
+        run_dir = out / self.run_dir
+        return [
+            "--trainer.logger.init_args.save_dir", str(run_dir.parent.parent),
+            "--trainer.logger.init_args.name", run_dir.parent.name,
+            "--trainer.logger.init_args.version", run_dir.name,
+            "--trainer.default_root_dir", str(run_dir),
+        ]  # fmt: skip
+
+
+def task_log(out: Path, task: Task) -> Path:
+    """Where ``provq-sweep run`` writes a task's output: next to its run directory."""
+    run_dir = out / task.run_dir
+    return run_dir.with_name(run_dir.name + ".log")
 
 
 @dataclass
@@ -99,6 +122,14 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise SweepError(f"--set {text!r}: write KEY=VALUE, e.g. --set trainer.max_steps=300")
     return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def parse_levels(text: str) -> tuple[str, list[Any]]:
+    """``AXIS=L1,L2`` from the command line; each level is read as YAML (``0`` is a number)."""
+    axis, sep, raw = text.partition("=")
+    if not sep or not axis.strip() or not raw.strip():
+        raise SweepError(f"--levels {text!r}: write AXIS=LEVEL[,LEVEL...], e.g. --levels seed=0,1")
+    return axis.strip(), [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
 
 
 class _Parser:
@@ -205,6 +236,47 @@ def _levels(parser: _Parser, axis: str, spec: Any) -> list[tuple[str, Any, dict[
     return levels
 
 
+def _select_levels(parser: _Parser, grid: Any, levels: Mapping[str, list[Any]]) -> Any:
+    """The grid with ``--levels``: a plain axis takes the given values instead of its own, a
+    named axis keeps only the named levels (in the file's order)."""
+    if not isinstance(grid, dict):
+        raise parser.error("--levels", "the sweep has no grid to pick levels from")
+    grid = dict(grid)
+    for axis, chosen in levels.items():
+        key = f"--levels {axis}"
+        if axis not in grid:
+            raise parser.error(key, f"not an axis of the grid; the axes are {', '.join(grid)}")
+        if not chosen:
+            raise parser.error(key, "give at least one level, e.g. --levels seed=0,1")
+        if isinstance(grid[axis], dict):
+            unknown = [str(c) for c in chosen if str(c) not in map(str, grid[axis])]
+            if unknown:
+                known = ", ".join(map(str, grid[axis]))
+                raise parser.error(key, f"no level {unknown[0]!r}; the levels are {known}")
+            wanted = set(map(str, chosen))
+            grid[axis] = {n: ov for n, ov in grid[axis].items() if str(n) in wanted}
+        else:
+            grid[axis] = list(chosen)
+    return grid
+
+
+def _run_dir(parser: _Parser, template: Any, combo: _Combo) -> str:
+    """A task's run directory from the ``run_dir`` template: relative, one safe name per part."""
+    if template is None:
+        return combo.name
+    if not isinstance(template, str) or not template:
+        raise parser.error("run_dir", f"expected a path template like '{{variant}}/seed_{{seed}}', "
+                           f"got {template!r}")
+    path = str(parser.fill(template, combo.context, "run_dir"))
+    parts = path.split("/")
+    if any(not p or p in (".", "..") or SAFE_NAME.search(p) for p in parts):
+        raise parser.error(
+            "run_dir", f"{path!r}: write a relative path of names made of letters, digits, "
+            "'.', '_' and '-' (placeholders: the grid's axes)"
+        )
+    return path
+
+
 def _task_name(labels: list[str]) -> str:
     return SAFE_NAME.sub("_", "-".join(labels)) or "task"
 
@@ -255,20 +327,31 @@ def _list_combos(parser: _Parser, raw: dict) -> tuple[list[_Combo], list[str]]:
 
 def _check_unique_names(parser: _Parser, tasks: list[Task], where: str) -> None:
     seen: dict[str, int] = {}
+    dirs: dict[str, int] = {}
     for task in tasks:
         if task.name in seen:
             raise parser.error(
                 where, f"tasks {seen[task.name]} and {task.index} are both named {task.name!r}"
             )
+        if task.run_dir in dirs:
+            raise parser.error(
+                "run_dir", f"tasks {dirs[task.run_dir]} and {task.index} would share the run "
+                f"directory {task.run_dir!r}; use every axis in the template"
+            )
         seen[task.name] = task.index
+        dirs[task.run_dir] = task.index
 
 
 def load_sweep(
     path: str | Path,
     extra_overrides: dict[str, Any] | None = None,
     slurm_overrides: dict[str, Any] | None = None,
+    levels: Mapping[str, list[Any]] | None = None,
+    run_dir: str | None = None,
 ) -> Sweep:
-    """Parse and expand a sweep file; ``extra_overrides`` go to every task (``--set``)."""
+    """Parse and expand a sweep file; ``extra_overrides`` go to every task (``--set``),
+    ``levels`` pick levels of grid axes (``--levels``), ``run_dir`` replaces the file's
+    run-directory template (``--run-dir``)."""
     path = Path(path)
     parser = _Parser(path)
     if not path.is_file():
@@ -292,7 +375,10 @@ def load_sweep(
     common = parser.overrides(raw.get("overrides"), "overrides")
     common.update(extra_overrides or {})
 
+    if levels:
+        raw["grid"] = _select_levels(parser, raw.get("grid"), levels)
     combos, axes = _grid_combos(parser, raw["grid"]) if "grid" in raw else _list_combos(parser, raw)
+    template = run_dir if run_dir is not None else raw.get("run_dir")
     tasks = []
     for index, combo in enumerate(combos):
         configs, rest = list(base), []
@@ -302,7 +388,7 @@ def load_sweep(
             rest += r
         # All --config first: jsonargparse applies arguments in order, so overrides win.
         args = [a for c in configs for a in ("--config", c)] + rest
-        tasks.append(Task(index, combo.name, combo.levels, args))
+        tasks.append(Task(index, combo.name, combo.levels, args, _run_dir(parser, template, combo)))
     _check_unique_names(parser, tasks, "grid" if "grid" in raw else "tasks")
 
     env = raw.get("env") or {}

@@ -304,3 +304,147 @@ def test_report_marks_missing_failed_and_incomplete_tasks(tmp_path):
     assert float(rows[1]["val/mse_triangle"]) == 0.6
     assert (out / "report.png").stat().st_size > 10_000
     assert (out / "report.md").read_text().startswith(text.split("\nwritten:")[0])
+
+
+# -- provq-sweep run: the same tasks on this machine -------------------------------------------
+TINY_SWEEP = """
+name: tiny
+config: experiments/topodisc_vanilla.yaml
+grid:
+  seed: [0, 1]
+overrides:
+  seed_everything: "{seed}"
+  data.init_args.seed: "{seed}"
+  trainer.max_steps: 4
+  trainer.val_check_interval: 2
+  trainer.enable_progress_bar: false
+  trainer.enable_model_summary: false
+  model.init_args.figure_every_n_steps: 0
+"""
+
+
+def test_run_locally_runs_every_task_skips_finished_ones_and_names_a_failed_one(tmp_path, capsys):
+    sweep, out = write(tmp_path, TINY_SWEEP), tmp_path / "out"
+    assert main(["run", str(sweep), "--out", str(out), "--jobs", "2"]) == 0, capsys.readouterr()
+    for name in ("seed0", "seed1"):
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert metrics["global_step"] == 4 and metrics["status"] == "finished"
+        assert json.loads((out / name / "exit_status.json").read_text())["exit_code"] == 0
+        assert "Trainer.fit` stopped: `max_steps=4` reached" in (out / f"{name}.log").read_text()
+    configs = {n: yaml.safe_load((out / n / "config.yaml").read_text()) for n in ("seed0", "seed1")}
+    assert [c["seed_everything"] for c in configs.values()] == [0, 1]
+    written = (out / "seed0" / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    # Run again: finished tasks are skipped (as a resubmitted array job skips them).
+    assert main(["run", str(sweep), "--out", str(out)]) == 0
+    assert "skipped 2 finished tasks" in capsys.readouterr().out
+    assert (out / "seed0" / "metrics.json").stat().st_mtime_ns == written
+
+    # A task that fails: one line on stderr naming it, its exit code and its log.
+    bad = ["--levels", "seed=5", "--set", "model.init_args.no_such_setting=1"]
+    assert main(["run", str(sweep), "--out", str(out), *bad]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("provq-sweep: task seed5 failed (exit ")
+    assert err[0].endswith(f"; log: {out / 'seed5.log'}") and "no_such_setting" in err[0]
+    assert json.loads((out / "seed5" / "exit_status.json").read_text())["exit_code"] != 0
+
+
+class FakePopen:
+    """Stands in for provq-fit: records the command line and exits with ``code``."""
+
+    commands: list[list[str]] = []
+    code = 0
+
+    def __init__(self, command, **kwargs):
+        FakePopen.commands.append(command)
+
+    def wait(self) -> int:
+        return FakePopen.code
+
+
+def test_run_locally_resumes_from_last_checkpoint_like_the_array_script(tmp_path, monkeypatch):
+    from provq_lightning.tools import sweep_local
+
+    monkeypatch.setattr(sweep_local.subprocess, "Popen", FakePopen)
+    FakePopen.commands = []
+    sweep, out = load_sweep(write(tmp_path, TINY_SWEEP)), tmp_path / "out"
+    first, second = (out / t.name for t in sweep.tasks)
+    (first / "checkpoints").mkdir(parents=True)
+    (first / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (first / "hpc_ckpt_3.ckpt").write_bytes(b"")  # stale, mid-step: never resumed from
+    second.mkdir()
+    (second / "exit_status.json").write_text('{"exit_code": 0}')
+    outcomes = sweep_local.run_sweep(sweep, out)
+    assert [o.skipped for o in outcomes] == [False, True] and len(FakePopen.commands) == 1
+    command = FakePopen.commands[0]
+    assert command[command.index("--ckpt_path") + 1] == str(first / "checkpoints" / "last.ckpt")
+    assert not (first / "hpc_ckpt_3.ckpt").exists()
+    assert command[command.index("--trainer.default_root_dir") + 1] == str(first)
+    FakePopen.code = 137  # killed: recorded, and the next run starts it again
+    assert sweep_local.run_sweep(sweep, out, restart=True)[1].exit_code == 137
+    assert json.loads((second / "exit_status.json").read_text())["exit_code"] == 137
+    assert "--ckpt_path" not in FakePopen.commands[-1]  # --restart: from scratch
+    FakePopen.code = 0
+
+
+def test_run_dir_template_and_levels_pick_the_tasks_and_their_directories(tmp_path):
+    sweep = load_sweep(
+        SWEEPS / "topodisc.yaml",
+        levels={"variant": ["provq", "vanilla"], "seed": [7]},
+        run_dir="topodisc_{variant}/seed_{seed}",
+    )
+    # A named axis keeps the file's order; a plain axis takes the given values.
+    assert [t.name for t in sweep.tasks] == ["vanilla-seed7", "provq-seed7"]
+    task = sweep.tasks[1]
+    assert task.run_dir == "topodisc_provq/seed_7" and "--seed_everything" in task.args
+    args = dict(zip(task.logger_args(tmp_path)[::2], task.logger_args(tmp_path)[1::2], strict=True))
+    assert args["--trainer.logger.init_args.save_dir"] == str(tmp_path)
+    assert args["--trainer.logger.init_args.name"] == "topodisc_provq"
+    assert args["--trainer.logger.init_args.version"] == "seed_7"
+    script = render_script(sweep, tmp_path)
+    assert f"RUN_DIR={tmp_path / 'topodisc_provq' / 'seed_7'}" in script
+
+    # The sample grids write where `make image-sample` and the reports read.
+    image = load_sweep(SWEEPS / "imagenet_sample.yaml")
+    assert [t.run_dir for t in image.tasks] == [
+        f"imagenet_sample_64px_{v}/seed_{s}" for s in (0, 1) for v in ("provq", "vanilla")
+    ]
+    protein = load_sweep(SWEEPS / "proteins_sample.yaml", levels={"seed": [3]})
+    assert [t.run_dir for t in protein.tasks] == [
+        "proteins_sample_provq/seed_3", "proteins_sample_vanilla/seed_3"
+    ]
+
+
+@pytest.mark.parametrize(
+    "levels, run_dir, message",
+    [
+        ({"variant": ["nope"]}, None, "--levels variant: no level 'nope'; the levels are vanilla"),
+        ({"seeds": [1]}, None, "--levels seeds: not an axis of the grid"),
+        (None, "{variant}", "run_dir: tasks 0 and 1 would share the run directory 'vanilla'"),
+        (None, "../{variant}-{seed}", "run_dir: '../vanilla-0': write a relative path"),
+        (None, "{variantt}/{seed}", "run_dir: unknown placeholder {variantt}"),
+    ],
+)
+def test_levels_and_run_dir_errors_name_the_file_and_the_key(levels, run_dir, message):
+    with pytest.raises(SweepError, match="topodisc.yaml: ") as info:
+        load_sweep(SWEEPS / "topodisc.yaml", levels=levels, run_dir=run_dir)
+    assert message in str(info.value)
+
+
+def test_sample_grid_arguments_resolve_in_provq_fit(tmp_path, capsys):
+    """The image sample grid's task is the command line make image-sample always ran."""
+    from provq_lightning.tools.fit import main as provq_fit
+
+    task = load_sweep(SWEEPS / "imagenet_sample.yaml").tasks[3]
+    argv = sys.argv
+    try:
+        provq_fit(["fit", *task.args, *task.logger_args(tmp_path), "--print_config"])
+    except SystemExit as exit_:
+        assert not exit_.code, capsys.readouterr().err[-2000:]
+    finally:
+        sys.argv = argv
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["seed_everything"] == 1 and config["data"]["init_args"]["seed"] == 1
+    logger = config["trainer"]["logger"]["init_args"]
+    assert (logger["name"], logger["version"]) == ("imagenet_sample_64px_vanilla", "seed_1")

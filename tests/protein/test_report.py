@@ -11,7 +11,8 @@ from PIL import Image
 
 from provq_lightning.errors import ProvqError
 from provq_lightning.protein import report
-from provq_lightning.reporting.run_report import parse_runs, per_run_table, seed_table, spread
+from provq_lightning.reporting.mean_sd_table import spread
+from provq_lightning.reporting.run_report import parse_runs, per_run_table, seed_table
 from tests.protein.helpers import fit_tiny_run
 
 FILES = ("1aki.pdb", "1k6p.pdb", "3o5r.cif")  # 4 chains; the split holds one entry out
