@@ -7,7 +7,9 @@ ranks it launches through environment variables, so every rank uses the same dir
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,25 @@ _RESUME_ENV = "PROVQ_RESUME_VERSION"
 _EVAL_ENV = "PROVQ_EVAL_VERSION"
 
 
+# The evaluation directory this process chose and that did not exist before: removed again if
+# the evaluation fails, so a failed validate/test/predict leaves no eval/<name> behind.
+_new_eval_dir: list[Path] = []
+
+
 def clear_handoff() -> None:
     """Forget rank 0's choices, so an in-process caller (tests) starts clean next time."""
     os.environ.pop(_RESUME_ENV, None)
     os.environ.pop(_EVAL_ENV, None)
+    _new_eval_dir.clear()
+
+
+def discard_failed_evaluation() -> None:
+    """Remove the evaluation directory this process created, after the evaluation failed."""
+    if _new_eval_dir and is_launch_rank_zero():
+        folder = _new_eval_dir.pop()
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # eval/ itself, when this was its only evaluation
 
 
 def is_launch_rank_zero() -> bool:
@@ -106,6 +123,8 @@ def redirect_evaluation(config: Any, subcommand: str) -> None:
         return
     version = os.environ.get(_EVAL_ENV) or new_eval_version(run, subcommand)
     os.environ[_EVAL_ENV] = version
+    if not (run / EVAL_SUBDIR / version).exists():
+        _new_eval_dir[:] = [run / EVAL_SUBDIR / version]
     logger_args.save_dir, logger_args.name, logger_args.version = str(run), EVAL_SUBDIR, version
     if is_launch_rank_zero():
         print(f"[provq] {subcommand} writes into {run / EVAL_SUBDIR / version}, never into "

@@ -34,6 +34,7 @@ from provq_lightning.runs.eval_dir import EVALUATING
 from provq_lightning.runs.lock import RunLock, hold_run_lock, release_held_locks
 from provq_lightning.runs.resolve import (
     clear_handoff,
+    discard_failed_evaluation,
     is_launch_rank_zero,
     redirect_evaluation,
     resolve_last_checkpoint,
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
               "preemption handler could save; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(EXIT_SIGTERM)
     except Exception as err:  # noqa: BLE001 - only provq's own, user-fixable errors are caught
+        discard_failed_evaluation()  # a failed validate/test/predict leaves no eval/ folder
         found = user_error(err)
         if found is None:
             raise

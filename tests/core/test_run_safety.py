@@ -131,6 +131,23 @@ def test_a_refused_resume_leaves_the_run_directory_byte_identical(tmp_path):
         assert run_files(run) == before, change
 
 
+def test_a_failed_evaluation_leaves_no_eval_folder(tmp_path):
+    from tests.helpers import run_files
+
+    run = tmp_path / "runs" / "topodisc_provq" / "version_0"
+    assert provq_fit(tmp_path, "--trainer.max_steps", "10").returncode == 0
+    before = run_files(run)
+    for sub in ("predict", "validate"):
+        failed = subprocess.run(
+            [sys.executable, "-m", "provq_lightning.tools.fit", sub, "--config",
+             str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+             "--model.init_args.num_codes", "64"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        one_error_line(failed)
+        assert not (run / "eval").exists(), sub
+    assert run_files(run) == before
+
+
 def test_metrics_json_says_running_from_the_first_step(tmp_path):
     proc = provq_fit(tmp_path, "--trainer.max_steps", "400", "--trainer.val_check_interval",
                      "400", wait=False)
