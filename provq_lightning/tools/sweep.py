@@ -15,6 +15,8 @@ checkpoint, continues its TensorBoard run and rewrites its ``config.yaml``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shlex
 import subprocess
@@ -151,8 +153,33 @@ def write_manifest(sweep: Sweep, out: Path, job_id: str | None) -> Path:
     return path
 
 
+def check_tasks(sweep: Sweep) -> None:
+    """Parse every task's ``provq-fit`` arguments as the task will (nothing is built): a
+    misspelt override or a wrong type fails here, in one line naming the task, instead of in
+    every array task once it starts on the cluster."""
+    from provq_lightning.tools.fit import ProvqCLI
+    from provq_lightning.tools.shipped_configs import resolve_config_args
+
+    for task in sweep.tasks:
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            try:
+                ProvqCLI(args=[*resolve_config_args(task.args), "--print_config"], run=False)
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code
+            except Exception as exc:  # noqa: BLE001 - any parse failure names its task
+                code, _ = 1, err.write(f"{type(exc).__name__}: {exc}")
+        if code:
+            lines = [line for line in err.getvalue().strip().splitlines() if line.strip()]
+            reason = lines[-1].removeprefix("error: ") if lines else f"exit {code}"
+            raise SweepError(f"task {task.index} ({task.name}) of {sweep.path} does not parse: "
+                             f"{reason}; fix the sweep file or the --set override")
+
+
 def submit(sweep: Sweep, out: Path, wait: bool = False) -> str:
     """Write ``sweep.sbatch`` and ``sweep.json`` under ``out`` and sbatch it; the job id."""
+    check_tasks(sweep)
     out.mkdir(parents=True, exist_ok=True)
     (out / "slurm").mkdir(exist_ok=True)
     script = out / "sweep.sbatch"

@@ -448,3 +448,18 @@ def test_sample_grid_arguments_resolve_in_provq_fit(tmp_path, capsys):
     assert config["seed_everything"] == 1 and config["data"]["init_args"]["seed"] == 1
     logger = config["trainer"]["logger"]["init_args"]
     assert (logger["name"], logger["version"]) == ("imagenet_sample_64px_vanilla", "seed_1")
+
+
+def test_a_misspelt_override_fails_at_submission_not_in_each_task(monkeypatch):
+    import provq_lightning.tools.sweep as sweep_module
+
+    def no_sbatch(*args, **kwargs):
+        raise AssertionError("sbatch ran for a sweep whose tasks do not parse")
+
+    monkeypatch.setattr(sweep_module.subprocess, "run", no_sbatch)
+    sweep = load_sweep(SWEEPS / "topodisc_smoke.yaml", {"trainer.max_stepz": 7})
+    with pytest.raises(SweepError) as err:
+        sweep_module.submit(sweep, Path("unused"))
+    message = str(err.value)
+    assert "task 0" in message and "max_stepz" in message and "\n" not in message
+    sweep_module.check_tasks(load_sweep(SWEEPS / "topodisc_smoke.yaml", {"trainer.max_steps": 7}))
