@@ -7,9 +7,10 @@ C++ compiler torch's extension builder finds (about 30 s), then loaded from a ca
 ``$PROVQ_KERNEL_CACHE`` or ``$XDG_CACHE_HOME/provq/kernels`` (``~/.cache/provq/kernels``).
 
 Reliability rules:
-* the cached file's name hashes the source, torch's and Python's versions and the CPU's
-  instruction-set flags: ``-march=native`` code built on one node type is never loaded on
-  another (a shared home directory on a mixed cluster would otherwise crash with SIGILL);
+* the cached file's name hashes the source, the compile flags, torch's and Python's versions
+  and the CPU's instruction-set flags: ``-march=native`` code built on one node type is never
+  loaded on another (a shared home directory on a mixed cluster would otherwise crash with
+  SIGILL);
 * every process builds in its own temporary folder and moves the result into the cache
   atomically, so a run killed mid-build leaves no lock or half-written file behind (its
   folder is removed by the next build, an hour later or more);
@@ -82,8 +83,26 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` when torch itself runs its CPU threads on GNU OpenMP (Linux wheels): the
+    kernel's ``at::parallel_for`` is then parallel, on the libgomp torch already loaded, and
+    ``torch.set_num_threads`` governs it. Elsewhere the kernel stays on one thread (without
+    ``_OPENMP`` ATen's inline ``parallel_for`` calls its body serially)."""
+    info = torch.__config__.parallel_info()
+    gnu = platform.system() == "Linux" and "ATen parallel backend: OpenMP" in info
+    return ["-fopenmp"] if gnu else []
+
+
+def compile_flags() -> tuple[list[str], list[str]]:
+    """The compiler and linker flags of the build (part of the cache name)."""
+    omp = openmp_flags()
+    return ["-O3", "-march=native", *omp], omp
+
+
 def module_name() -> str:
     digest = hashlib.sha256()
+    cflags, ldflags = compile_flags()
+    digest.update(" ".join([*cflags, "|", *ldflags]).encode())  # a flag change is a new build
     # CACHE_LAYOUT: entries of provq versions that wrote no build record are never shared.
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
                  CACHE_LAYOUT.encode()):
@@ -187,10 +206,12 @@ def _build(name: str, target: Path) -> ModuleType:
         )
         try:
             with _ninja_on_path():
+                cflags, ldflags = compile_flags()
                 module = load(
                     name,
                     [str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native"],
+                    extra_cflags=cflags,
+                    extra_ldflags=ldflags,
                     build_directory=str(build),
                     verbose=False,
                 )

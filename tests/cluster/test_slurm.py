@@ -121,6 +121,15 @@ def wait_for_text(path: Path, text: str, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def wait_for_validation(run_dir: Path, timeout: float = 120) -> None:
+    """Until the run's metrics.json holds validation metrics (it exists from step 0 on)."""
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.json"
+    while not (path.exists() and '"val/' in path.read_text()):
+        assert time.monotonic() < deadline, f"no validation in {path} within {timeout} s"
+        time.sleep(0.1)
+
+
 def wait_for_file(path: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -209,7 +218,7 @@ def interrupted_sweep(slurm_env, smoke_sweep, tmp_path_factory) -> tuple[Path, d
     # SIGUSR1 before provq installs its handler would just kill the task: wait for it, and
     # for the first validation, so the signal comes mid-run.
     wait_for_text(out / "slurm" / f"{job}_1.out", "[provq] preemption: on SIGUSR1")
-    wait_for_file(out / "signalled" / "metrics.json")
+    wait_for_validation(out / "signalled")
     signal = subprocess.run(
         ["scancel", "--signal=USR1", f"{job}_1"], env=slurm_env, capture_output=True, text=True
     )
@@ -334,3 +343,53 @@ def test_real_time_limit_preemption_redoes_nothing(slurm_env, smoke_sweep, tmp_p
     assert sum(starts, []) == list(range(300))
     assert json.loads((run_dir / "exit_status.json").read_text())["exit_code"] == 0
     assert_same_metrics(run_dir, smoke_sweep / "provq-seed0")
+
+
+def test_scancel_saves_at_the_step_in_flight_and_the_resubmitted_task_redoes_nothing(
+    slurm_env, smoke_sweep, tmp_path
+):
+    """``scancel`` sends SIGTERM (then SIGKILL after KillWait): provq saves last.ckpt at the end
+    of the step in flight and exits non-zero, so the job is not COMPLETED; submitted again,
+    the task continues from that step."""
+    smoke = yaml.safe_load(SMOKE.read_text())
+    task = dict(smoke["grid"]["variant"]["provq"])
+    task.update({k: 0 if v == "{seed}" else v for k, v in smoke["overrides"].items()})
+    task = yaml.safe_load(yaml.safe_dump(task))
+    task["trainer.callbacks"][1]["init_args"]["every_n_train_steps"] = 1000  # after the end
+    task["trainer.log_every_n_steps"] = 1
+    sweep = {"name": "cancelled", "tasks": [{"name": "cancelled", **task}],
+             "slurm": smoke["slurm"]}
+    path = tmp_path / "cancelled.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    out = tmp_path / "out"
+    run_dir = out / "cancelled"
+    job = job_id(provq_sweep(slurm_env, "submit", str(path), "--out", str(out)).stdout)
+    (log_path,) = [out / "slurm" / f"{job}_0.out"]
+    wait_for_text(log_path, "or SIGTERM, last.ckpt is saved")
+    wait_for_validation(run_dir)
+    cancel = subprocess.run(["scancel", f"{job}_0"], env=slurm_env, capture_output=True,
+                            text=True)
+    assert cancel.returncode == 0, cancel.stderr
+    wait_for(job, slurm_env, out)
+    state = subprocess.run(["scontrol", "-o", "show", "job", f"{job}_0"], env=slurm_env,
+                           capture_output=True, text=True).stdout
+    assert "JobState=COMPLETED" not in state, state
+    log = log_path.read_text()
+    saved = re.findall(r"\[provq\] preemption: saved \S+ at step (\d+)", log)
+    assert len(saved) == 1 and "SIGTERM: exit 75, not requeued" in log, log[-3000:]
+    step = int(saved[0])
+    assert 100 <= step < 300
+    import torch
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step
+    (first,) = steps_of_each_file(run_dir)
+    assert first == list(range(step))  # the step in flight finished and was saved
+
+    job = job_id(provq_sweep(slurm_env, "submit", str(path), "--out", str(out)).stdout)
+    wait_for(job, slurm_env, out)
+    first, second = steps_of_each_file(run_dir)
+    assert second == list(range(step, 300))  # nothing redone, nothing lost
+    assert json.loads((run_dir / "exit_status.json").read_text())["exit_code"] == 0
+    assert_same_metrics(run_dir, smoke_sweep / "provq-seed0")
+

@@ -54,6 +54,33 @@ def test_kernel_handles_nan_rows_and_exact_ties():
     assert 0 <= int(index[1]) < 40  # NaN: a valid index (the quantizer reports NaN elsewhere)
 
 
+@needs_kernel
+def test_codes_do_not_depend_on_the_thread_count():
+    # The kernel runs its row blocks on torch's threads; each row's answer is its own.
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randn(700, 8, generator=g)
+    codes[300] = codes[12]  # an exact tie: the lower index at every thread count
+    prepared = prepare_codes(codes)
+    a = torch.cat([torch.randn(6000, 8, generator=g), codes[12:13]]) - prepared.shift
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(blocked_argmin(a, prepared, rows=4096, want_second=True))
+    finally:
+        torch.set_num_threads(threads)
+    (i1, b1, s1), (i2, b2, s2) = results
+    assert torch.equal(i1, i2) and torch.equal(b1, b2) and torch.equal(s1, s2)
+    assert int(i1[-1]) == 12
+
+
+def test_cache_name_depends_on_the_compile_flags(monkeypatch):
+    serial = cpu_kernel.module_name()
+    monkeypatch.setattr(cpu_kernel, "openmp_flags", lambda: ["-fopenmp", "-DSOMETHING"])
+    assert cpu_kernel.module_name() != serial
+
+
 def test_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
     assert cpu_kernel.kernel() is None
