@@ -32,6 +32,7 @@ from provq_lightning.image.transforms import pairs_grid, to_model_range, to_uint
 from provq_lightning.image.vqgan import Decoder, Encoder
 from provq_lightning.reporting.figures import log_figure
 from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.tokens.codes import check_codes
 from provq_lightning.tokens.names import safe_file_name
 from provq_lightning.vq.quantizer import VectorQuantizer
 
@@ -170,9 +171,7 @@ class ImageTokenizer(GradientAccumulation, VQTokenizer):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from code ids (B, h, w) (exact codebook entries)."""
         codes = torch.as_tensor(codes, device=self.device).long()
-        k = self.quantizer.num_codes
-        if codes.numel() == 0 or int(codes.min()) < 0 or int(codes.max()) >= k:
-            raise ValueError(f"code ids must lie in [0, {k}); got shape {tuple(codes.shape)}")
+        check_codes(codes, self.quantizer.num_codes)
         return self.decode(self.quantizer.lookup(codes))
 
     @torch.no_grad()

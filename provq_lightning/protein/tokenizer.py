@@ -30,6 +30,7 @@ from provq_lightning.protein.pdb_io import write_backbone_pdb
 from provq_lightning.protein.plots import chain_figure
 from provq_lightning.reporting.figures import log_figure
 from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.tokens.codes import check_codes
 from provq_lightning.tokens.names import safe_file_name
 from provq_lightning.vq.quantizer import VectorQuantizer
 
@@ -268,11 +269,7 @@ class ProteinTokenizer(VQTokenizer):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Backbone (L, 4, 3) N/CA/C/O decoded from a code sequence (L,) (-1 = missing)."""
         codes = torch.as_tensor(codes, device=self.device).long().reshape(-1)
-        if codes.numel() == 0:
-            raise ValueError("cannot decode an empty token sequence")
-        k = self.quantizer.num_codes
-        if int(codes.max()) >= k or int(codes.min()) < MISSING_TOKEN:
-            raise ValueError(f"token ids must lie in [0, {k}) or be {MISSING_TOKEN}")
+        check_codes(codes, self.quantizer.num_codes, missing=MISSING_TOKEN)
         present = codes >= 0
         with self.eval_mode():
             z = self.quantizer.lookup(codes.clamp_min(0)).unsqueeze(0)
