@@ -275,7 +275,7 @@ class CurriculumCallback(Callback):
         if distributed.is_distributed():
             torch.distributed.all_reduce(rows)
         # A step of a model that accumulates gradients feeds the reservoir that many batches.
-        per_batch = int(rows.item()) * int(getattr(pl_module.hparams, "accumulate_grad_batches", 1))
+        per_batch = int(rows.item()) * pl_module.batches_per_step
         batches = min(self.kmeans_collect_batches, self.warmup_steps)
         k = pl_module.quantizer.num_codes
         if per_batch * batches >= k:

@@ -80,7 +80,23 @@ class VQTokenizer(LightningModule):
         quantizer: the modality's codebook; built by the subclass (after its encoder, so the
             random initialisation order is the modality's own).
         modules_before_quantizer: modules (name -> module) to register ahead of the quantizer.
+
+    What provq's callbacks read of a model is declared here, so a modality sets it by these
+    names (a callback given another ``LightningModule`` reads none of it): ``quantizer``,
+    ``phase``, ``curriculum_step()``, ``set_curriculum()``, ``log_train()``, ``grads_pending``
+    and ``batches_per_step``.
     """
+
+    quantizer: VectorQuantizer  # the codebook: the curriculum seeds it, predict writes its codes
+
+    grads_pending: bool = False
+    """True inside a gradient-accumulation window (after a batch's backward, before the window's
+    optimizer step): a checkpoint now would lose those gradients, so ``PreemptionCheckpoint``
+    waits for the window's end. A modality that accumulates by hand keeps it up to date."""
+
+    batches_per_step: int = 1
+    """Training batches per optimizer step (a modality that accumulates gradients by hand sets
+    it): the ``CurriculumCallback`` counts what one step feeds the k-means reservoir by it."""
 
     def __init__(
         self,
@@ -111,6 +127,7 @@ class VQTokenizer(LightningModule):
 
     @property
     def phase(self) -> Phase:
+        """The curriculum phase of this training batch (``NonFiniteGuard`` names it)."""
         return Phase(int(self.curriculum_phase))
 
     @property

@@ -109,6 +109,7 @@ class ImageTokenizer(GradientAccumulation, VQTokenizer):
         super().__init__(quantizer)
         self.save_hyperparameters()
         self.automatic_optimization = False
+        self.batches_per_step = accumulate_grad_batches  # GradientAccumulation's N
         self.encoder, self.decoder = encoder, decoder
         self.quant_conv, self.post_quant_conv = quant_conv, post_quant_conv
         self.loss = VQGANLoss(pixel_weight, lpips_weight, disc_weight, disc_start,
