@@ -25,6 +25,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from provq_lightning.reporting.figures import log_histogram
+from provq_lightning.runs.migrations import mark_format, upgrade_checkpoint
 from provq_lightning.schedules import Phase
 from provq_lightning.vq.codebook_metrics import CodebookUsage, mean_pairwise_distance
 from provq_lightning.vq.quantizer import QuantizerOutput, VectorQuantizer
@@ -62,12 +63,6 @@ def zero_weight_term(module: torch.nn.Module) -> torch.Tensor:
     discriminator) used."""
     params = [p.sum() for p in module.parameters() if p.requires_grad]
     return torch.stack(params).sum() * 0.0 if params else torch.zeros(())
-
-
-def _default_quantization_start(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    # Checkpoints of TopoDisc/protein models from before quantization_start moved into the base
-    # lack it: "not yet" (-1); the next quantizing batch sets it (their hook does nothing).
-    state_dict.setdefault(f"{prefix}quantization_start", torch.tensor(-1, dtype=torch.long))
 
 
 class VQTokenizer(LightningModule):
@@ -116,7 +111,6 @@ class VQTokenizer(LightningModule):
         # First step that quantized (-1 = not yet); a buffer, so resumed runs keep it.
         self.register_buffer("quantization_start", torch.tensor(-1, dtype=torch.long))
         self.split_metrics = nn.ModuleDict()
-        self._register_load_state_dict_pre_hook(_default_quantization_start)
 
     # -- curriculum -------------------------------------------------------------------------
     def set_curriculum(self, alpha: float, omega: float, phase: Phase) -> None:
@@ -166,6 +160,16 @@ class VQTokenizer(LightningModule):
             return out
         alpha = float(self.curriculum_alpha) if phase is Phase.TRANSITION else 0.0
         return self.quantizer(z, alpha=alpha, mask=mask)
+
+    # -- checkpoints: their format, and the upgrade of older ones (runs/migrations.py) -----------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        mark_format(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called before Lightning restores weights, datamodule and callbacks from the dict, so
+        # each of them reads it in this provq's format.
+        trainer = self._trainer
+        upgrade_checkpoint(checkpoint, trainer.ckpt_path if trainer is not None else None)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The warmup's zero-weight codebook term (see quantize) exists for DDP's bookkeeping

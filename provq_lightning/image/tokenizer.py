@@ -26,7 +26,7 @@ from provq_lightning.image.accumulation import (
     check_accumulate_grad_batches,
 )
 from provq_lightning.image.ema import GeneratorEMA
-from provq_lightning.image.losses import VQGANLoss, rename_old_discriminator_keys
+from provq_lightning.image.losses import VQGANLoss
 from provq_lightning.image.metrics import frozen_nets
 from provq_lightning.image.transforms import pairs_grid, to_model_range, to_uint8_image
 from provq_lightning.image.vqgan import Decoder, Encoder
@@ -115,7 +115,6 @@ class ImageTokenizer(GradientAccumulation, VQTokenizer):
         self.loss = VQGANLoss(pixel_weight, lpips_weight, disc_weight, disc_start,
                               disc_start_from, adaptive_disc_weight, disc_ndf, disc_layers,
                               disc_norm)
-        self.register_load_state_dict_pre_hook(rename_old_discriminator_keys)
         self.ema = GeneratorEMA(self.generator(), ema_decay) if ema_decay is not None else None
         # Frozen pretrained nets are built in setup() and kept out of state_dict.
         self._frozen: dict[str, Any] = {}
