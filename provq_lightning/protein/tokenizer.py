@@ -138,7 +138,7 @@ class ProteinTokenizer(VQTokenizer):
         with torch.autocast(true.device.type, enabled=False):
             losses = {
                 "distance": backbone_distance_loss(
-                    pred, true, mask, hp.distance_clamp, hp.get("distance_cutoff")
+                    pred, true, mask, hp.distance_clamp, hp.distance_cutoff
                 ),
                 "direction": backbone_direction_loss(
                     pred, true, mask, batch["residue_index"], hp.direction_clamp
@@ -192,12 +192,12 @@ class ProteinTokenizer(VQTokenizer):
             self.log(f"{prefix}/{k}", v, batch_size=b, sync_dist=True)
 
     def _pictures_due(self) -> bool:
-        return self.hparams.get("num_log_structures", 0) > 0 and self.figures_due()
+        return self.hparams.num_log_structures > 0 and self.figures_due()
 
     def _keep_picture_chains(self, batch: dict, pred: torch.Tensor) -> None:
         """Keep the first ``num_log_structures`` validation chains (the loader does not
         shuffle, so these are the same chains at every validation), full residues only."""
-        wanted = self.hparams.get("num_log_structures", 0) - len(self._picture_chains)
+        wanted = self.hparams.num_log_structures - len(self._picture_chains)
         if wanted <= 0 or not self._pictures_due():
             return
         mask = batch["residue_mask"]
