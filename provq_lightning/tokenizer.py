@@ -79,7 +79,8 @@ class VQTokenizer(LightningModule):
     What provq's callbacks read of a model is declared here, so a modality sets it by these
     names (a callback given another ``LightningModule`` reads none of it): ``quantizer``,
     ``phase``, ``curriculum_step()``, ``set_curriculum()``, ``log_train()``, ``grads_pending``
-    and ``batches_per_step``.
+    and ``batches_per_step``. A modality that overrides ``on_save_checkpoint`` or
+    ``on_load_checkpoint`` calls ``super()``: checkpoint formats are kept there.
     """
 
     quantizer: VectorQuantizer  # the codebook: the curriculum seeds it, predict writes its codes
