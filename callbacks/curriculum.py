@@ -45,8 +45,6 @@ TRAJECTORY_SETTINGS = (
     "kmeans_iters",
     "kmeans_seed",
 )
-# Settings renamed since older checkpoints were written: old key -> new key.
-RENAMED_SETTINGS = {"seed": "kmeans_seed"}
 
 
 class CurriculumError(ProvqError, ValueError):
@@ -275,7 +273,7 @@ class CurriculumCallback(Callback):
         if distributed.is_distributed():
             torch.distributed.all_reduce(rows)
         # A step of a model that accumulates gradients feeds the reservoir that many batches.
-        per_batch = int(rows.item()) * int(getattr(pl_module.hparams, "accumulate_grad_batches", 1))
+        per_batch = int(rows.item()) * pl_module.batches_per_step
         batches = min(self.kmeans_collect_batches, self.warmup_steps)
         k = pl_module.quantizer.num_codes
         if per_batch * batches >= k:
@@ -386,21 +384,21 @@ class CurriculumCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("settings")  # absent in checkpoints of provq < 0.2
-        if saved is not None:
-            saved = {RENAMED_SETTINGS.get(key, key): value for key, value in saved.items()}
-            changed = [
-                f"{key} {saved[key]!r} -> {value!r}"
-                for key, value in self.settings().items()
-                if key in saved and saved[key] != value
-            ]
-            if changed:
-                raise CurriculumError(
-                    "the checkpoint was trained with other curriculum settings ("
-                    + ", ".join(changed)
-                    + "); a run's curriculum is fixed: resume with the run's own settings, or "
-                    "start a new run (no --ckpt_path, or another logger version)"
-                )
+        # Older checkpoints arrive upgraded (provq_lightning.runs.migrations); a setting added
+        # since one was written is not in its record, so it is not compared.
+        saved = state_dict["settings"]
+        changed = [
+            f"{key} {saved[key]!r} -> {value!r}"
+            for key, value in self.settings().items()
+            if key in saved and saved[key] != value
+        ]
+        if changed:
+            raise CurriculumError(
+                "the checkpoint was trained with other curriculum settings ("
+                + ", ".join(changed)
+                + "); a run's curriculum is fixed: resume with the run's own settings, or "
+                "start a new run (no --ckpt_path, or another logger version)"
+            )
         self.seeded = bool(state_dict["seeded"])
         self.seed_count = int(state_dict["seed_count"])
         self.seeded_at_step = state_dict["seeded_at_step"]

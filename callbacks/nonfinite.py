@@ -40,6 +40,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from provq_lightning.errors import ProvqError
+from provq_lightning.tokenizer import VQTokenizer
 
 TRAIN_PREFIX = "train/"
 MAX_NAMED = 4  # terms listed in the error; the line stays short when everything is NaN
@@ -96,8 +97,7 @@ def _all_ranks_finite(tensors: list[torch.Tensor], device: torch.device) -> bool
 
 
 def _phase_name(pl_module: LightningModule) -> str:
-    phase = getattr(pl_module, "phase", None)  # VQTokenizer: a Phase read from its buffer
-    return phase.name.lower() if hasattr(phase, "name") else "n/a"
+    return pl_module.phase.name.lower() if isinstance(pl_module, VQTokenizer) else "n/a"
 
 
 class NonFiniteGuard(Callback):

@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from provq_lightning.errors import ProvqError
+from provq_lightning.tokenizer import VQTokenizer
 from provq_lightning.tokens.reader import FORMATS
 from provq_lightning.tokens.writer import CodeWriter, code_dtype
 
@@ -60,14 +61,13 @@ class CodePredictionWriter(BasePredictionWriter):
         self.out = out / f"rank_{trainer.global_rank}" if trainer.world_size > 1 else out
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        quantizer = getattr(pl_module, "quantizer", None)
-        if quantizer is None:
+        if not isinstance(pl_module, VQTokenizer):
             raise ProvqError(
                 f"CodePredictionWriter: {type(pl_module).__name__} has no quantizer, so there are "
                 "no codes to write; predict with a provq tokenizer (a VQTokenizer)"
             )
-        self._writer = CodeWriter(self.out, self.format, code_dtype(quantizer.num_codes),
-                                  self.shard_size)
+        dtype = code_dtype(pl_module.quantizer.num_codes)
+        self._writer = CodeWriter(self.out, self.format, dtype, self.shard_size)
 
     def write_on_batch_end(
         self,

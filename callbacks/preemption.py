@@ -32,6 +32,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from provq_lightning.tokenizer import VQTokenizer
+
 EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: "temporary failure, retry" (EX_* is POSIX-only in os)
 
 
@@ -206,7 +208,7 @@ class PreemptionCheckpoint(Callback):
         # signal reaches them at different steps.
         if not trainer.strategy.reduce_boolean_decision(self.signal_received, all=False):
             return
-        if getattr(pl_module, "grads_pending", False):
+        if isinstance(pl_module, VQTokenizer) and pl_module.grads_pending:
             # Inside a gradient-accumulation window (same on every rank): the pending gradients
             # are not in a checkpoint, so save at the window's optimizer step instead.
             return

@@ -8,9 +8,9 @@ move when files are added) gives a validation set when there is no separate fold
 recursively, any file names, no classes needed).
 Training reads through an ``EpochSampler`` (``DistributedSampler``'s epoch-seeded order, ranks
 interleaved under DDP) behind a resumable loader: a run resumed mid-epoch from a checkpoint
-continues with the batches and crops the uninterrupted run would have used (see
-``provq_lightning.data.stream_position``). Unreadable images fail loudly here: a small folder is
-meant to be clean (stream shards for large, messy sets).
+continues with the batches and crops the uninterrupted run would have used (a
+``ResumableDataModule``, ``provq_lightning.data.resumable``). Unreadable images fail loudly
+here: a small folder is meant to be clean (stream shards for large, messy sets).
 """
 
 from __future__ import annotations
@@ -22,15 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from provq_lightning.data.stream_position import (
-    SamplerLoader,
-    StreamPosition,
-    note_training_batch,
-    resumable_sampler_loader,
-)
+from provq_lightning.data.resumable import ResumableDataModule
+from provq_lightning.data.stream_position import SamplerLoader
 from provq_lightning.datamodules.imagenet import read_class_list, resolve_path
 from provq_lightning.errors import ProvqError
 from provq_lightning.image.make_shards import SourceImage, find_images
@@ -118,7 +113,7 @@ class FolderImages(Dataset):
         }
 
 
-class ImageFolderDataModule(LightningDataModule):
+class ImageFolderDataModule(ResumableDataModule):
     """Images from a folder, for small sets and the CPU sample experiments.
 
     Args:
@@ -151,7 +146,6 @@ class ImageFolderDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.position = StreamPosition()  # of the training stream, saved by its loader
 
     def _images(self, root: str) -> list[SourceImage]:
         images = find_images(resolve_path(root))
@@ -188,19 +182,13 @@ class ImageFolderDataModule(LightningDataModule):
 
     def train_dataloader(self) -> SamplerLoader:
         hp = self.hparams
-        return resumable_sampler_loader(
-            self,
+        return self.sampler_loader(
             self.train_set,
-            self.position,
             batch_size=hp.batch_size,
             drop_last=hp.drop_last,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
         )
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        note_training_batch(self, self.position)
-        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

@@ -8,13 +8,13 @@ counted and logged with its shard and key; its rank then tops its last batch up 
 already decoded this epoch, so the batch count stays fixed. A shard that ends early is logged
 with the number of planned samples lost, and they count as skipped.
 
-Resuming mid-epoch: the training loader is resumable (``provq_lightning.data.stream_position``): the
-checkpoint holds the epoch and, per rank and loader worker, the batches the training steps took
-and the corrupt samples met in them. On resume each worker replays its stream without decoding:
-it reads the tar bytes of the samples it had delivered, draws their crop randomness (so the
-shuffle buffer and the crops continue exactly as in the uninterrupted run) and keeps the ones
-still in the shuffle buffer undecoded until they are used. Decoding, the expensive part, is done
-only for samples that reach a batch.
+Resuming mid-epoch: the training loader is resumable (a ``ResumableDataModule``,
+``provq_lightning.data.resumable``): the checkpoint holds the epoch and, per rank and loader
+worker, the batches the training steps took and the corrupt samples met in them. On resume each
+worker replays its stream without decoding: it reads the tar bytes of the samples it had
+delivered, draws their crop randomness (so the shuffle buffer and the crops continue exactly as
+in the uninterrupted run) and keeps the ones still in the shuffle buffer undecoded until they
+are used. Decoding, the expensive part, is done only for samples that reach a batch.
 
 Batches are dicts: ``image`` (B, 3, H, W) uint8 (the model maps it to [-1, 1] on its device),
 ``label`` (B,) and ``key`` (list of str).
@@ -30,16 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from provq_lightning.data.paths import experiments_parent, resolve_data_path
-from provq_lightning.data.stream_position import (
-    ResumableLoader,
-    SlotStart,
-    StreamPosition,
-    note_training_batch,
-)
+from provq_lightning.data.resumable import ResumableDataModule
+from provq_lightning.data.stream_position import ResumableLoader, SlotStart
 from provq_lightning.image import shards as sh
 from provq_lightning.image.transforms import (
     UndecodableImage,
@@ -339,7 +334,7 @@ class ResumableShardLoader(ResumableLoader):
         ds.worker_offset = sum(s.skip for s in starts) % len(starts)
 
 
-class ImageNetDataModule(LightningDataModule):
+class ImageNetDataModule(ResumableDataModule):
     """Webdataset shards for training and validation.
 
     Args:
@@ -377,13 +372,6 @@ class ImageNetDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.skipped_count = 0
         self.refilled_count = 0
-        self.position = StreamPosition()  # of the training stream, saved by its loader
-
-    def _context(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0, 1
-        return trainer.current_epoch, trainer.global_rank, trainer.world_size
 
     def _dataset(self, shards: str | list[str], train: bool) -> ShardImageDataset:
         hp = self.hparams
@@ -403,7 +391,7 @@ class ImageNetDataModule(LightningDataModule):
             draft_decode=hp.draft_decode,
             limit=None if train else hp.val_samples,
         )
-        _, dataset.rank, dataset.world_size = self._context()
+        _, dataset.rank, dataset.world_size = self.stream_context()
         return dataset
 
     def setup(self, stage: str | None = None) -> None:
@@ -419,7 +407,7 @@ class ImageNetDataModule(LightningDataModule):
             batch_size=None,  # the dataset yields whole batches
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            context=self._context,
+            context=self.stream_context,
         )
 
     def train_dataloader(self) -> ResumableShardLoader:
@@ -429,7 +417,7 @@ class ImageNetDataModule(LightningDataModule):
             batch_size=None,  # the dataset yields whole batches
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            context=self._context,
+            context=self.stream_context,
             position=self.position,
             slots=max(1, workers),
         )
@@ -445,11 +433,12 @@ class ImageNetDataModule(LightningDataModule):
         return self._loader(self._dataset(self.hparams.train_shards, train=False))
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The stream's batches carry their loader worker (the slot) and what was skipped in them.
         if isinstance(batch, dict) and "skipped" in batch:
             skipped = batch.pop("skipped")
             note_skipped(self, skipped, int(batch.pop("refilled")))
             bad = [(shard, key) for shard, key, *_ in skipped if key != REST_OF_SHARD]
-            note_training_batch(self, self.position, int(batch.pop("worker", 0)), bad)
+            self.note_training_batch(int(batch.pop("worker", 0)), bad)
         return batch
 
 

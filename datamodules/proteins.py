@@ -25,17 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
 from provq_lightning.data.paths import resolve_data_path
-from provq_lightning.data.stream_position import (
-    SamplerLoader,
-    StreamPosition,
-    note_training_batch,
-    resumable_sampler_loader,
-)
+from provq_lightning.data.resumable import ResumableDataModule
+from provq_lightning.data.stream_position import SamplerLoader
 from provq_lightning.errors import ProvqError
 from provq_lightning.protein.cache import (
     CacheSettings,
@@ -154,7 +149,7 @@ def collate_structures(items: list[dict]) -> dict:
     }
 
 
-class ProteinStructureDataModule(LightningDataModule):
+class ProteinStructureDataModule(ResumableDataModule):
     """Protein chains from PDB / mmCIF / BinaryCIF files (gzipped or not), via a shard cache.
 
     Args:
@@ -206,7 +201,6 @@ class ProteinStructureDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.prep_workers = prep_workers
-        self.position = StreamPosition()  # of the training stream, saved by its loader
 
     def resolved_sources(self) -> list[Path]:
         return [resolve_data_path(s) for s in self.sources]
@@ -295,19 +289,13 @@ class ProteinStructureDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> SamplerLoader:
-        return resumable_sampler_loader(
-            self,
+        return self.sampler_loader(
             self.train_set,
-            self.position,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             collate_fn=collate_structures,
             persistent_workers=self.num_workers > 0,
         )
-
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        note_training_batch(self, self.position)
-        return batch
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

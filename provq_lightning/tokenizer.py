@@ -25,6 +25,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from provq_lightning.reporting.figures import log_histogram
+from provq_lightning.runs.migrations import mark_format, upgrade_checkpoint
 from provq_lightning.schedules import Phase
 from provq_lightning.vq.codebook_metrics import CodebookUsage, mean_pairwise_distance
 from provq_lightning.vq.quantizer import QuantizerOutput, VectorQuantizer
@@ -64,12 +65,6 @@ def zero_weight_term(module: torch.nn.Module) -> torch.Tensor:
     return torch.stack(params).sum() * 0.0 if params else torch.zeros(())
 
 
-def _default_quantization_start(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    # Checkpoints of TopoDisc/protein models from before quantization_start moved into the base
-    # lack it: "not yet" (-1); the next quantizing batch sets it (their hook does nothing).
-    state_dict.setdefault(f"{prefix}quantization_start", torch.tensor(-1, dtype=torch.long))
-
-
 class VQTokenizer(LightningModule):
     """Encoder -> ``VectorQuantizer`` -> decoder, with ProVQ's curriculum state.
 
@@ -80,7 +75,24 @@ class VQTokenizer(LightningModule):
         quantizer: the modality's codebook; built by the subclass (after its encoder, so the
             random initialisation order is the modality's own).
         modules_before_quantizer: modules (name -> module) to register ahead of the quantizer.
+
+    What provq's callbacks read of a model is declared here, so a modality sets it by these
+    names (a callback given another ``LightningModule`` reads none of it): ``quantizer``,
+    ``phase``, ``curriculum_step()``, ``set_curriculum()``, ``log_train()``, ``grads_pending``
+    and ``batches_per_step``. A modality that overrides ``on_save_checkpoint`` or
+    ``on_load_checkpoint`` calls ``super()``: checkpoint formats are kept there.
     """
+
+    quantizer: VectorQuantizer  # the codebook: the curriculum seeds it, predict writes its codes
+
+    grads_pending: bool = False
+    """True inside a gradient-accumulation window (after a batch's backward, before the window's
+    optimizer step): a checkpoint now would lose those gradients, so ``PreemptionCheckpoint``
+    waits for the window's end. A modality that accumulates by hand keeps it up to date."""
+
+    batches_per_step: int = 1
+    """Training batches per optimizer step (a modality that accumulates gradients by hand sets
+    it): the ``CurriculumCallback`` counts what one step feeds the k-means reservoir by it."""
 
     def __init__(
         self,
@@ -100,7 +112,6 @@ class VQTokenizer(LightningModule):
         # First step that quantized (-1 = not yet); a buffer, so resumed runs keep it.
         self.register_buffer("quantization_start", torch.tensor(-1, dtype=torch.long))
         self.split_metrics = nn.ModuleDict()
-        self._register_load_state_dict_pre_hook(_default_quantization_start)
 
     # -- curriculum -------------------------------------------------------------------------
     def set_curriculum(self, alpha: float, omega: float, phase: Phase) -> None:
@@ -111,6 +122,7 @@ class VQTokenizer(LightningModule):
 
     @property
     def phase(self) -> Phase:
+        """The curriculum phase of this training batch (``NonFiniteGuard`` names it)."""
         return Phase(int(self.curriculum_phase))
 
     @property
@@ -149,6 +161,16 @@ class VQTokenizer(LightningModule):
             return out
         alpha = float(self.curriculum_alpha) if phase is Phase.TRANSITION else 0.0
         return self.quantizer(z, alpha=alpha, mask=mask)
+
+    # -- checkpoints: their format, and the upgrade of older ones (runs/migrations.py) -----------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        mark_format(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called before Lightning restores weights, datamodule and callbacks from the dict, so
+        # each of them reads it in this provq's format.
+        trainer = self._trainer
+        upgrade_checkpoint(checkpoint, trainer.ckpt_path if trainer is not None else None)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The warmup's zero-weight codebook term (see quantize) exists for DDP's bookkeeping

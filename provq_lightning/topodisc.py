@@ -13,6 +13,7 @@ from torchmetrics import MeanSquaredError, Metric
 from provq_lightning.reporting.figures import log_figure
 from provq_lightning.reporting.plots import embedding_figure
 from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.tokens.codes import check_codes
 from provq_lightning.tokens.names import safe_file_name
 from provq_lightning.topodisc_components import COMPONENT_NAMES
 from provq_lightning.vq.quantizer import VectorQuantizer
@@ -135,9 +136,7 @@ class TopoDiscTokenizer(VQTokenizer):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """The decoded 2-D point(s) of code id(s): shape ``codes.shape + (2,)``."""
         codes = torch.as_tensor(codes, device=self.device).long()
-        k = self.quantizer.num_codes
-        if codes.numel() == 0 or int(codes.min()) < 0 or int(codes.max()) >= k:
-            raise ValueError(f"code ids must lie in [0, {k}); got shape {tuple(codes.shape)}")
+        check_codes(codes, self.quantizer.num_codes)
         with self.eval_mode():
             return self.decoder(self.quantizer.lookup(codes))
 

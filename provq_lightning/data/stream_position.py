@@ -1,18 +1,21 @@
 """Where a training data stream stands, saved in the checkpoint so a resumed run continues it.
 
-The design: the training ``DataLoader`` is *stateful* in Lightning's sense (``state_dict`` /
-``load_state_dict``), so Lightning stores its state in the checkpoint (``loops.fit_loop.
-state_dict.combined_loader``) and hands it back before the first batch of a resumed run; it
-then also stops warning that the loader is not resumable.
+The parts of the stream-position protocol, which ``ResumableDataModule``
+(``provq_lightning.data.resumable``) keeps for a datamodule. The design: the training
+``DataLoader`` is *stateful* in Lightning's sense (``state_dict`` / ``load_state_dict``), so
+Lightning stores its state in the checkpoint (``loops.fit_loop.state_dict.combined_loader``)
+and hands it back before the first batch of a resumed run; it then also stops warning that the
+loader is not resumable.
 
 What is saved is a ``StreamPosition``: the epoch and, for every rank and every "slot" (a loader
 worker for the shard stream, the single index stream for map-style datasets), how many batches
 the training loop has taken. Batches are counted when Lightning hands one to a training step
-(the datamodule's ``on_before_batch_transfer`` calls ``consumed``), not when the loader yields
-it, so a batch a loader worker prefetched but no step used is not counted. Checkpoints are
-written at step boundaries (``on_train_batch_end``), where the count is exact. The slot counts
-are gathered from every rank when the state is saved, so under DDP each rank resumes from its
-own position. A finished epoch is saved as the start of the next one.
+(the datamodule's ``on_before_batch_transfer`` calls ``consumed`` through
+``ResumableDataModule.note_training_batch``), not when the loader yields it, so a batch a loader
+worker prefetched but no step used is not counted. Checkpoints are written at step boundaries
+(``on_train_batch_end``), where the count is exact. The slot counts are gathered from every rank
+when the state is saved, so under DDP each rank resumes from its own position. A finished epoch
+is saved as the start of the next one.
 
 On resume the first epoch the loader starts is the saved one, and each slot first skips what it
 had already delivered (``skip`` per slot): a map-style sampler just drops those indices; the
@@ -227,44 +230,9 @@ class SamplerLoader(ResumableLoader):
         self.sampler.begin(epoch, starts[0].skip * int(self.batch_size or 1))
 
 
-def resumable_sampler_loader(
-    owner: Any, dataset: Any, position: StreamPosition, **loader_args: Any
-) -> SamplerLoader:
-    """The training loader of ``owner`` (a datamodule) over a map-style ``dataset``: an
-    ``EpochSampler`` split by rank, seeded like Lightning's own sampler, that resumes at
-    ``position``. ``loader_args`` go to the ``DataLoader`` (batch size, workers, collate)."""
-    context = trainer_context(owner)
-    _, rank, world_size = context()
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=global_seed())
-    return SamplerLoader(
-        dataset, sampler=sampler, context=context, position=position, **loader_args
-    )
-
-
 def global_seed() -> int:
     """The seed ``seed_everything`` set (what Lightning's own ``DistributedSampler`` uses)."""
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
-def trainer_context(owner: Any) -> Context:
-    """(epoch, rank, world_size) from ``owner.trainer`` (a datamodule), or (0, 0, 1)."""
-
-    def context() -> tuple[int, int, int]:
-        trainer = getattr(owner, "trainer", None)
-        if trainer is None:
-            return 0, 0, 1
-        return trainer.current_epoch, trainer.global_rank, trainer.world_size
-
-    return context
-
-
-def note_training_batch(
-    owner: Any, position: StreamPosition, slot: int = 0, bad: Iterable[tuple[str, str]] = ()
-) -> None:
-    """Count a batch for the position if ``owner``'s trainer is handing it to a training step."""
-    trainer = getattr(owner, "trainer", None)
-    if trainer is not None and trainer.training:
-        position.consumed(slot, bad)
 
 
 __all__ = [
@@ -275,7 +243,4 @@ __all__ = [
     "StreamPosition",
     "gather_objects",
     "global_seed",
-    "note_training_batch",
-    "resumable_sampler_loader",
-    "trainer_context",
 ]

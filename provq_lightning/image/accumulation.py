@@ -4,8 +4,9 @@ Lightning refuses ``Trainer(accumulate_grad_batches=...)`` under manual optimiza
 ``GradientAccumulation`` does what Lightning does in automatic mode: each batch's loss is
 divided by N, DDP's all-reduce waits for the window's last backward (it then reduces the
 accumulated ``.grad``), and a window closes every N-th batch of the epoch and at the epoch's
-last batch, even if short. Inside a window ``grads_pending`` is True (a checkpoint then would
-lose gradients: the preemption callback waits) and Lightning's ``zero_grad`` before
+last batch, even if short. It keeps the members ``VQTokenizer`` declares for callbacks:
+``batches_per_step`` is N, and ``grads_pending`` is True inside a window (a checkpoint then
+would lose gradients: the preemption callback waits); there Lightning's ``zero_grad`` before
 validation is skipped.
 
 What counts optimizer steps: Lightning's ``global_step`` counts ``LightningOptimizer.step``
@@ -30,24 +31,17 @@ def check_accumulate_grad_batches(value: object) -> None:
 
 
 class GradientAccumulation:
-    """Mixin for a ``LightningModule`` with ``automatic_optimization = False`` and an
-    ``accumulate_grad_batches`` hyperparameter (N)."""
-
-    _grads_pending = False  # True between a window's first batch and its optimizer step
-
-    @property
-    def grads_pending(self) -> bool:
-        """True inside a gradient-accumulation window: a checkpoint now would lose gradients."""
-        return self._grads_pending
+    """Mixin for a ``VQTokenizer`` with ``automatic_optimization = False`` that accumulates
+    ``batches_per_step`` (N) batches per optimizer step (its ``__init__`` sets N)."""
 
     def on_validation_model_zero_grad(self) -> None:
         # Lightning clears gradients before validation; inside a window they are still needed.
-        if not self._grads_pending:
+        if not self.grads_pending:
             super().on_validation_model_zero_grad()
 
     def backward_in_window(self, loss: torch.Tensor, batch_idx: int) -> bool:
         """Backward of ``loss / N``; True when this batch closes its window (step now)."""
-        accumulate = self.hparams.accumulate_grad_batches
+        accumulate = self.batches_per_step
         trainer = self.trainer
         ends = (
             accumulate == 1
@@ -58,5 +52,5 @@ class GradientAccumulation:
         block = getattr(trainer.strategy, "block_backward_sync", None)
         with nullcontext() if ends or block is None else block():
             self.manual_backward(loss / accumulate)
-        self._grads_pending = not ends
+        self.grads_pending = not ends
         return ends

@@ -8,13 +8,13 @@ detached images. ``disc_active`` says when the GAN trains: ``disc_start`` steps 
 (``disc_start_from: run``) or after the first step that quantized (``quantization``).
 
 The module owns the discriminator, so its weights are ``loss.discriminator.*`` in checkpoints
-(``rename_old_discriminator_keys`` maps the top-level ``discriminator.*`` of earlier ones). The
+(``provq_lightning.runs.migrations`` moves the top-level ``discriminator.*`` of earlier ones). The
 LPIPS net is frozen and kept out of checkpoints by the tokenizer, which hands it to each call.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -109,13 +109,3 @@ class VQGANLoss(nn.Module):
                  "gan_d": d_loss}
         return Losses(loss, d_total, {k: v.detach() for k, v in terms.items()})
 
-
-def rename_old_discriminator_keys(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
-) -> None:
-    """A ``load_state_dict`` pre-hook of ``ImageTokenizer``: checkpoints written before
-    ``VQGANLoss`` held the discriminator at ``discriminator.*``; it now is
-    ``loss.discriminator.*``."""
-    old = prefix + "discriminator."
-    for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[prefix + "loss." + key[len(prefix):]] = state_dict.pop(key)

@@ -26,7 +26,6 @@ from provq_lightning.reporting.run_report import (
     report_parser,
     report_runs,
     run_cli,
-    scalar_series,  # noqa: F401  (re-exported: the report's curves read it, and so do tests)
 )
 from provq_lightning.vq.codebook_metrics import CODEBOOK_REPORT_COLUMNS
 

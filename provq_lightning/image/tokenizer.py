@@ -26,12 +26,13 @@ from provq_lightning.image.accumulation import (
     check_accumulate_grad_batches,
 )
 from provq_lightning.image.ema import GeneratorEMA
-from provq_lightning.image.losses import VQGANLoss, rename_old_discriminator_keys
+from provq_lightning.image.losses import VQGANLoss
 from provq_lightning.image.metrics import frozen_nets
 from provq_lightning.image.transforms import pairs_grid, to_model_range, to_uint8_image
 from provq_lightning.image.vqgan import Decoder, Encoder
 from provq_lightning.reporting.figures import log_figure
 from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.tokens.codes import check_codes
 from provq_lightning.tokens.names import safe_file_name
 from provq_lightning.vq.quantizer import VectorQuantizer
 
@@ -108,12 +109,12 @@ class ImageTokenizer(GradientAccumulation, VQTokenizer):
         super().__init__(quantizer)
         self.save_hyperparameters()
         self.automatic_optimization = False
+        self.batches_per_step = accumulate_grad_batches  # GradientAccumulation's N
         self.encoder, self.decoder = encoder, decoder
         self.quant_conv, self.post_quant_conv = quant_conv, post_quant_conv
         self.loss = VQGANLoss(pixel_weight, lpips_weight, disc_weight, disc_start,
                               disc_start_from, adaptive_disc_weight, disc_ndf, disc_layers,
                               disc_norm)
-        self.register_load_state_dict_pre_hook(rename_old_discriminator_keys)
         self.ema = GeneratorEMA(self.generator(), ema_decay) if ema_decay is not None else None
         # Frozen pretrained nets are built in setup() and kept out of state_dict.
         self._frozen: dict[str, Any] = {}
@@ -170,9 +171,7 @@ class ImageTokenizer(GradientAccumulation, VQTokenizer):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from code ids (B, h, w) (exact codebook entries)."""
         codes = torch.as_tensor(codes, device=self.device).long()
-        k = self.quantizer.num_codes
-        if codes.numel() == 0 or int(codes.min()) < 0 or int(codes.max()) >= k:
-            raise ValueError(f"code ids must lie in [0, {k}); got shape {tuple(codes.shape)}")
+        check_codes(codes, self.quantizer.num_codes)
         return self.decode(self.quantizer.lookup(codes))
 
     @torch.no_grad()

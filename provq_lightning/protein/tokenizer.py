@@ -30,6 +30,7 @@ from provq_lightning.protein.pdb_io import write_backbone_pdb
 from provq_lightning.protein.plots import chain_figure
 from provq_lightning.reporting.figures import log_figure
 from provq_lightning.tokenizer import VQTokenizer
+from provq_lightning.tokens.codes import check_codes
 from provq_lightning.tokens.names import safe_file_name
 from provq_lightning.vq.quantizer import VectorQuantizer
 
@@ -137,7 +138,7 @@ class ProteinTokenizer(VQTokenizer):
         with torch.autocast(true.device.type, enabled=False):
             losses = {
                 "distance": backbone_distance_loss(
-                    pred, true, mask, hp.distance_clamp, hp.get("distance_cutoff")
+                    pred, true, mask, hp.distance_clamp, hp.distance_cutoff
                 ),
                 "direction": backbone_direction_loss(
                     pred, true, mask, batch["residue_index"], hp.direction_clamp
@@ -191,12 +192,12 @@ class ProteinTokenizer(VQTokenizer):
             self.log(f"{prefix}/{k}", v, batch_size=b, sync_dist=True)
 
     def _pictures_due(self) -> bool:
-        return self.hparams.get("num_log_structures", 0) > 0 and self.figures_due()
+        return self.hparams.num_log_structures > 0 and self.figures_due()
 
     def _keep_picture_chains(self, batch: dict, pred: torch.Tensor) -> None:
         """Keep the first ``num_log_structures`` validation chains (the loader does not
         shuffle, so these are the same chains at every validation), full residues only."""
-        wanted = self.hparams.get("num_log_structures", 0) - len(self._picture_chains)
+        wanted = self.hparams.num_log_structures - len(self._picture_chains)
         if wanted <= 0 or not self._pictures_due():
             return
         mask = batch["residue_mask"]
@@ -268,11 +269,7 @@ class ProteinTokenizer(VQTokenizer):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Backbone (L, 4, 3) N/CA/C/O decoded from a code sequence (L,) (-1 = missing)."""
         codes = torch.as_tensor(codes, device=self.device).long().reshape(-1)
-        if codes.numel() == 0:
-            raise ValueError("cannot decode an empty token sequence")
-        k = self.quantizer.num_codes
-        if int(codes.max()) >= k or int(codes.min()) < MISSING_TOKEN:
-            raise ValueError(f"token ids must lie in [0, {k}) or be {MISSING_TOKEN}")
+        check_codes(codes, self.quantizer.num_codes, missing=MISSING_TOKEN)
         present = codes >= 0
         with self.eval_mode():
             z = self.quantizer.lookup(codes.clamp_min(0)).unsqueeze(0)

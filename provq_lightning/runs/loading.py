@@ -15,6 +15,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 
 from provq_lightning.errors import ProvqError
 from provq_lightning.runs.checkpoint_check import check_checkpoint_file, load_checkpoint
+from provq_lightning.runs.migrations import upgrade_checkpoint
 from provq_lightning.tokenizer import missing_contract
 
 
@@ -58,7 +59,8 @@ def load_run(
             f"{', '.join(m + '()' for m in missing)}; the tokenizer tools need a "
             "provq_lightning.tokenizer.VQTokenizer subclass with every member of its CONTRACT"
         )
-    state = load_checkpoint(ckpt)["state_dict"]  # outside the try: its errors name the file
+    # Outside the try: its errors name the file. Older formats are upgraded, newer refused.
+    state = upgrade_checkpoint(load_checkpoint(ckpt), ckpt)["state_dict"]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

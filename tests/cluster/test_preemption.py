@@ -217,19 +217,20 @@ def test_signal_names():
 
 
 def test_signal_inside_an_accumulation_window_saves_at_the_window_end(tmp_path):
-    from types import SimpleNamespace
     from unittest import mock
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from provq_lightning.callbacks.preemption import PreemptionCheckpoint
+    from provq_lightning.topodisc import TopoDiscTokenizer
 
     callback = PreemptionCheckpoint(requeue=False)
     callback.signal_received = True
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = mock.MagicMock(global_step=7, max_steps=100, checkpoint_callbacks=[checkpoint])
     trainer.strategy.reduce_boolean_decision.return_value = True
-    model = SimpleNamespace(grads_pending=True)
+    model = TopoDiscTokenizer()
+    model.grads_pending = True  # as a modality that accumulates gradients sets it
     callback.on_train_batch_end(trainer, model, None, None, 0)
     trainer.save_checkpoint.assert_not_called()  # gradients of the window would be lost
     model.grads_pending = False

@@ -11,6 +11,7 @@ from provq_lightning.errors import ProvqError
 from provq_lightning.image.tokenizer import ImageTokenizer
 from provq_lightning.protein.tokenizer import ProteinTokenizer
 from provq_lightning.runs.loading import load_run
+from provq_lightning.runs.migrations import upgrade_checkpoint
 from provq_lightning.tokenizer import CONTRACT, VQTokenizer, missing_contract
 from provq_lightning.topodisc import TopoDiscTokenizer
 
@@ -48,5 +49,5 @@ def test_old_checkpoints_without_quantization_start_load():
     model = TopoDiscTokenizer()
     state = model.state_dict()
     state.pop("quantization_start")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(upgrade_checkpoint({"state_dict": state})["state_dict"], strict=True)
     assert int(model.quantization_start) == -1

@@ -17,6 +17,7 @@ from provq_lightning.image.discriminator import PatchDiscriminator, hinge_d_loss
 from provq_lightning.image.pretrained import MissingWeights
 from provq_lightning.image.tokenizer import ImageTokenizer
 from provq_lightning.image.vqgan import Decoder, Encoder
+from provq_lightning.runs.migrations import upgrade_checkpoint
 from provq_lightning.schedules import Phase
 from tests.image.helpers import TINY, Batches, Module
 
@@ -117,7 +118,7 @@ def test_checkpoints_with_the_discriminator_at_the_top_level_still_load():
     assert any(k.startswith("discriminator.") for k in old)
     torch.manual_seed(1)
     model = ImageTokenizer(**TINY)
-    model.load_state_dict(old, strict=True)
+    model.load_state_dict(upgrade_checkpoint({"state_dict": old})["state_dict"], strict=True)
     assert model.state_dict().keys() == saved.keys()
     for name, value in model.state_dict().items():
         assert torch.equal(value, saved[name]), name

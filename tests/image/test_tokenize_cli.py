@@ -108,6 +108,7 @@ def test_report_table_and_reconstruction_grid(trained_run, tmp_path, capsys):
 def test_report_over_seeds_gives_mean_and_spread_and_a_learning_curve(trained_run, tmp_path,
                                                                        capsys):
     from provq_lightning.image import report
+    from provq_lightning.reporting.run_report import scalar_series
 
     curve, md = tmp_path / "curve.png", tmp_path / "table.md"
     report.main([f"ProVQ={trained_run},{trained_run}", "--curve", str(curve),
@@ -118,5 +119,5 @@ def test_report_over_seeds_gives_mean_and_spread_and_a_learning_curve(trained_ru
     assert f"{psnr:.2f} ± 0.00" in row  # the same run twice: no spread
     assert md.read_text().strip() in out
     assert Image.open(curve).size[0] > 600  # two panels
-    steps, values = report.scalar_series(trained_run, "val/psnr")
+    steps, values = scalar_series(trained_run, "val/psnr")
     assert steps and values[-1] == pytest.approx(psnr, abs=1e-4)
