@@ -9,12 +9,14 @@ recursively, any file names, no classes needed).
 Training reads through an ``EpochSampler`` (``DistributedSampler``'s epoch-seeded order, ranks
 interleaved under DDP) behind a resumable loader: a run resumed mid-epoch from a checkpoint
 continues with the batches and crops the uninterrupted run would have used (a
-``ResumableDataModule``, ``provq_lightning.data.resumable``). Unreadable images fail loudly
-here: a small folder is meant to be clean (stream shards for large, messy sets).
+``ResumableDataModule``, ``provq_lightning.data.resumable``). An unreadable image (a
+truncated JPEG, a file that is no picture) is skipped and counted, as the shard loader does:
+its batch is one image smaller, a warning names the file, and ``skipped_images`` counts them.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import zlib
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from provq_lightning.data.resumable import ResumableDataModule
 from provq_lightning.data.stream_position import SamplerLoader
@@ -37,6 +39,22 @@ from provq_lightning.image.transforms import (
     random_crop,
     to_uint8_tensor,
 )
+
+log = logging.getLogger("provq.data")
+SKIPPED = "skipped"  # batch key: (path, reason) of the images a batch left out
+
+
+def collate_readable(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch the readable images; the unreadable ones go under ``SKIPPED``."""
+    readable = [item for item in items if SKIPPED not in item]
+    skipped = [item[SKIPPED] for item in items if SKIPPED in item]
+    if not readable:
+        names = ", ".join(path for path, _ in skipped)
+        raise ProvqError(f"every image of a batch is unreadable ({names}); remove or replace "
+                         "them")
+    batch = default_collate(readable)
+    batch[SKIPPED] = skipped
+    return batch
 
 
 def holdout(images: list[SourceImage], fraction: float) -> tuple[list, list]:
@@ -96,8 +114,8 @@ class FolderImages(Dataset):
         draft = round(size / self.min_crop_frac) + 1 if self.train else size
         try:
             img = decode_image(item.path.read_bytes(), draft)
-        except UndecodableImage as exc:
-            raise UndecodableImage(f"{item.path}: {exc} (remove or replace the file)") from exc
+        except (UndecodableImage, OSError) as exc:
+            return {SKIPPED: (str(item.path), str(exc))}  # left out of its batch, counted
         if self.train:
             # Seeded by the sampler when training (resumable); else fresh torch randomness.
             if crop_seed is None:
@@ -146,6 +164,7 @@ class ImageFolderDataModule(ResumableDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.skipped_images = 0  # unreadable images left out of their batches
 
     def _images(self, root: str) -> list[SourceImage]:
         images = find_images(resolve_path(root))
@@ -184,6 +203,7 @@ class ImageFolderDataModule(ResumableDataModule):
         hp = self.hparams
         return self.sampler_loader(
             self.train_set,
+            collate_fn=collate_readable,
             batch_size=hp.batch_size,
             drop_last=hp.drop_last,
             num_workers=hp.num_workers,
@@ -196,6 +216,7 @@ class ImageFolderDataModule(ResumableDataModule):
         hp = self.hparams
         return DataLoader(
             self.val_set,
+            collate_fn=collate_readable,
             batch_size=hp.val_batch_size or hp.batch_size,
             shuffle=False,
             num_workers=hp.num_workers,
@@ -205,14 +226,25 @@ class ImageFolderDataModule(ResumableDataModule):
         if self.hparams.test_root is not None:
             hp = self.hparams
             return DataLoader(self.test_set, batch_size=hp.val_batch_size or hp.batch_size,
-                              shuffle=False, num_workers=hp.num_workers)
+                              shuffle=False, num_workers=hp.num_workers,
+                              collate_fn=collate_readable)
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
         hp = self.hparams
         return DataLoader(
             self.predict_set,
+            collate_fn=collate_readable,
             batch_size=hp.val_batch_size or hp.batch_size,
             shuffle=False,
             num_workers=hp.num_workers,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        skipped = batch.pop(SKIPPED, []) if isinstance(batch, dict) else []
+        for path, reason in skipped:
+            log.warning("skipped unreadable image %s (%s); remove or replace it", path, reason)
+        self.skipped_images += len(skipped)
+        self.note_training_batch(bad=[(path, "undecodable") for path, _ in skipped])
+        return batch
+

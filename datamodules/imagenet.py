@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from provq_lightning.data.paths import experiments_parent, resolve_data_path
 from provq_lightning.data.resumable import ResumableDataModule
 from provq_lightning.data.stream_position import ResumableLoader, SlotStart
+from provq_lightning.errors import ProvqError
 from provq_lightning.image import shards as sh
 from provq_lightning.image.transforms import (
     UndecodableImage,
@@ -76,10 +77,20 @@ def shard_infos(
     """Shard list from an ``index.json`` path or from URL patterns (with a per-shard count)."""
     if isinstance(shards, str) and shards.endswith(".json"):
         return sh.read_index(resolve_path(shards))
+    folder = resolve_path(shards) if isinstance(shards, str) and "{" not in shards else None
+    if folder is not None and folder.is_dir():
+        if (folder / sh.INDEX_NAME).is_file():  # the folder provq-make-shards wrote
+            return sh.read_index(folder / sh.INDEX_NAME)
+        raise ProvqError(
+            f"shard folder {folder} has no {sh.INDEX_NAME}; write the shards with "
+            f"`provq-make-shards <images> {folder}`, or give the shard URLs with "
+            "data.init_args.samples_per_shard"
+        )
     if samples_per_shard is None:
-        raise ValueError(
-            f"shards {shards!r} are URLs without an index.json: give samples_per_shard (the "
-            "sample count of every shard) or point shards at the index provq-make-shards wrote"
+        raise ProvqError(
+            f"shards {shards!r} are URLs without an index.json: give "
+            "data.init_args.samples_per_shard (the sample count of every shard) or point "
+            "shards at the index.json provq-make-shards wrote"
         )
     urls = []
     for url in sh.expand_urls(shards):

@@ -22,6 +22,8 @@ from pathlib import Path
 import braceexpand
 import webdataset
 
+from provq_lightning.errors import ProvqError
+
 INDEX_NAME = "index.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
@@ -59,10 +61,13 @@ def read_index(path: str | Path) -> list[ShardInfo]:
     try:
         payload = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise ProvqError(
             f"shard index {path} not found; write shards with provq-make-shards (it creates "
-            f"{INDEX_NAME}) or give shard URLs plus samples_per_epoch"
+            f"{INDEX_NAME}) or give shard URLs plus data.init_args.samples_per_shard"
         ) from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise ProvqError(f"shard index {path} cannot be read ({type(err).__name__}: {err}); "
+                         "write the shards again with provq-make-shards") from None
     shards = []
     for entry in payload["shards"]:
         url = entry["url"]

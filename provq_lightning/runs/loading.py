@@ -24,7 +24,7 @@ def find_config(ckpt: Path) -> Path:
     for folder in (ckpt.parent, ckpt.parent.parent):
         if (folder / "config.yaml").is_file():
             return folder / "config.yaml"
-    raise FileNotFoundError(
+    raise ProvqError(
         f"no config.yaml next to {ckpt} or its parent folder; pass --config (the config.yaml "
         "that provq-fit wrote for this run)"
     )

@@ -218,3 +218,42 @@ def test_checkpoint_of_another_model_is_one_line(tiny_run, tmp_path):
     with pytest.raises(ProvqError, match="does not fit the model of") as err:
         load_run(tiny_run / "checkpoints" / "last.ckpt", other, None, "cpu")
     assert "\n" not in str(err.value) and "--config" in str(err.value)
+
+
+def test_a_truncated_jpeg_in_an_image_folder_is_skipped_and_counted(tmp_path, caplog):
+    import logging
+
+    from provq_lightning.datamodules.image_folder import SKIPPED, ImageFolderDataModule
+    from tests.image.helpers import write_flat_folder
+
+    keys = write_flat_folder(tmp_path / "photos", 6)
+    broken = tmp_path / "photos" / f"{keys[2]}.JPEG"
+    broken.write_bytes(broken.read_bytes()[:200])  # cut short, as by a failed copy
+    data = ImageFolderDataModule(str(tmp_path / "photos"), val_fraction=0.0, image_size=16,
+                                 batch_size=3)
+    data.setup("fit")
+    seen, left_out = [], []
+    with caplog.at_level(logging.WARNING, logger="provq.data"):
+        for batch in data.train_dataloader():
+            left_out += [path for path, _ in batch[SKIPPED]]
+            batch = data.on_before_batch_transfer(batch, 0)
+            assert SKIPPED not in batch and batch["image"].shape[1:] == (3, 16, 16)
+            seen += batch["key"]
+    assert sorted(seen) == sorted(k for k in keys if k != keys[2])  # the others all trained
+    assert left_out == [str(broken)] and data.skipped_images == 1
+    assert str(broken) in caplog.text and "remove or replace" in caplog.text
+
+
+@pytest.mark.parametrize("layout", ["folder without index.json", "index.json that is text"])
+def test_a_shard_folder_without_its_index_is_one_line(tmp_path, layout):
+    from provq_lightning.datamodules.imagenet import shard_infos
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "shard-000000.tar").write_bytes(b"")
+    if layout == "index.json that is text":
+        (folder / "index.json").write_text("not json")
+    with pytest.raises(ProvqError) as err:
+        shard_infos(str(folder))
+    message = str(err.value)
+    assert str(folder) in message and "provq-make-shards" in message and "\n" not in message

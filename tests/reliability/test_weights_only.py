@@ -179,3 +179,15 @@ def test_a_weight_file_refusal_names_the_global(tmp_path) -> None:
         load_weights_only(path, "pretrained weights file")
     assert "io.open" in str(err.value) and str(path) in str(err.value)
     assert not (tmp_path / "M").exists()
+
+
+def test_a_checkpoint_without_its_config_is_one_line(hostile_run, tmp_path, capsys):
+    from provq_lightning.tools.tokenize_cli import tokenize_main
+
+    run, _ = hostile_run
+    lone = tmp_path / "last.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", lone)
+    code = _exit(tokenize_main, ["--ckpt", str(lone), "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "no config.yaml next to" in err and "--config" in err
+    assert len(err.splitlines()) == 1, err
