@@ -202,12 +202,16 @@ class VQTokenizer(LightningModule):
         finally:
             self.train(was_training)
 
-    def figures_due(self) -> bool:
-        """Whether this process draws figures now: rank 0, a logger to receive them (PNGs for
-        loggers without images, see ``image_log``), not Lightning's sanity check."""
+    def figures_due(self, count: int = 1, every_n_steps: int = 1) -> bool:
+        """Whether this process draws figures now: ``count`` pictures wanted (> 0), a step that
+        is a multiple of ``every_n_steps`` (> 0), rank 0, a logger to receive them (PNGs for
+        loggers without images, see ``reporting.figures``), not Lightning's sanity check."""
         trainer = self._trainer  # the public property raises without a trainer
         return (
-            trainer is not None
+            count > 0
+            and every_n_steps > 0
+            and trainer is not None
+            and trainer.global_step % every_n_steps == 0
             and trainer.is_global_zero
             and not trainer.sanity_checking
             and len(trainer.loggers) > 0

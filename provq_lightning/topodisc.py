@@ -96,17 +96,14 @@ class TopoDiscTokenizer(VQTokenizer):
             if sel.any():
                 metrics[f"mse_{name}"].update(x_hat[sel], x[sel])
         self.update_codebook_metrics(q.indices)
-        if self.eval_prefix == "val" and self._figure_due():
+        every = self.hparams.figure_every_n_steps
+        if self.eval_prefix == "val" and self.figures_due(every_n_steps=every):
             self._figure_latents.append(self.quantizer.prepare(z).detach().cpu())
             self._figure_labels.append(labels.cpu())
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         self._log_figure()
-
-    def _figure_due(self) -> bool:
-        every = self.hparams.figure_every_n_steps
-        return every > 0 and self.global_step % every == 0 and self.figures_due()
 
     def _log_figure(self) -> None:
         if not self._figure_latents:
