@@ -184,4 +184,7 @@ class MetricsJsonCallback(Callback):
             return
         lines = str(exception).strip().splitlines()
         error = f"{type(exception).__name__}: {lines[0] if lines else ''}"[:1000]
-        self._update(path, trainer, {}, FAILED, error)
+        # An error that names its step (NonFiniteError) is recorded at that step, so the file
+        # and the message agree.
+        step = exception.step if isinstance(getattr(exception, "step", None), int) else None
+        self._update(path, trainer, {}, FAILED, error, step=step)

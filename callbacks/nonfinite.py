@@ -47,7 +47,15 @@ MAX_NAMED = 4  # terms listed in the error; the line stays short when everything
 
 
 class NonFiniteError(ProvqError):
-    """A loss or a weight became NaN/inf; the message names where and the checkpoint to use."""
+    """A loss or a weight became NaN/inf; the message names where and the checkpoint to use.
+
+    ``step``: the global step the message names (the step whose loss was not finite; the
+    trainer's counter is one further once its optimizer stepped), for ``metrics.json``.
+    """
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 def _fmt(value: torch.Tensor) -> str:
@@ -193,7 +201,8 @@ class NonFiniteGuard(Callback):
             )
         raise NonFiniteError(
             f"non-finite loss at step {self._batch_step} (curriculum phase {self._batch_phase}): "
-            f"{named}{hint}; {self._advice(trainer)}"
+            f"{named}{hint}; {self._advice(trainer)}",
+            step=self._batch_step,
         )
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -209,7 +218,8 @@ class NonFiniteGuard(Callback):
         name, value = next((n, t) for n, t in tensors if not _all_finite([t], "cpu"))
         raise NonFiniteError(
             f"refusing to write a checkpoint at step {trainer.global_step} (curriculum phase "
-            f"{_phase_name(pl_module)}): {name} holds {_fmt(value)}; {self._advice(trainer)}"
+            f"{_phase_name(pl_module)}): {name} holds {_fmt(value)}; {self._advice(trainer)}",
+            step=trainer.global_step,
         )
 
     def last_good_checkpoint(self, trainer: Trainer) -> tuple[str, int] | None:
