@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 from jsonargparse import Namespace, get_loader, set_loader
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -63,6 +64,16 @@ def curriculum_callback(section: Namespace | dict | None) -> CurriculumCallback 
     if settings == curriculum_defaults() or not settings:
         return None
     return CurriculumCallback(**settings)
+
+
+def check_one_curriculum(configured: list[Callback]) -> None:
+    """Refuse a second curriculum: a CurriculumCallback (or subclass) in trainer.callbacks too."""
+    for callback in configured:
+        if isinstance(callback, CurriculumCallback):
+            raise ProvqError(
+                f"trainer.callbacks has a {type(callback).__name__} and the `curriculum:` section "
+                "sets one too; a run has one curriculum: drop the section's settings, or the entry"
+            )
 
 
 # -- configs of the old layout -----------------------------------------------------------------

@@ -20,7 +20,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
-from provq_lightning.callbacks.curriculum import CurriculumCallback
 from provq_lightning.callbacks.metrics_json import MetricsJsonCallback
 from provq_lightning.callbacks.nonfinite import NonFiniteGuard
 from provq_lightning.callbacks.prediction_writer import CodePredictionWriter
@@ -42,6 +41,7 @@ from provq_lightning.tools.curriculum_section import (
     PARSER_MODE,
     SECTION,
     add_curriculum_section,
+    check_one_curriculum,
     curriculum_callback,
 )
 from provq_lightning.tools.shipped_configs import resolve_config_args
@@ -208,16 +208,6 @@ class ProvqCLI(LightningCLI):
         ):
             extra.append(CodePredictionWriter())
         return self._instantiate_trainer(config, extra)
-
-
-def check_one_curriculum(configured: list[Callback]) -> None:
-    """Refuse a second curriculum: a CurriculumCallback (subclass) in trainer.callbacks too."""
-    for callback in configured:
-        if isinstance(callback, CurriculumCallback):
-            raise ProvqError(
-                f"trainer.callbacks has a {type(callback).__name__} and the `curriculum:` section "
-                "sets one too; a run has one curriculum: drop the section's settings, or the entry"
-            )
 
 
 def check_optimizer_args(model: LightningModule, optimizer: Any, lr_scheduler: Any) -> None:
