@@ -4,9 +4,14 @@ directory's hashes. Package-specific helpers live in ``tests/<package>/helpers.p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 def provq_fit(*args: str) -> None:
@@ -35,6 +40,25 @@ def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
         sys.argv = argv
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def effective_config(*configs: Path | str) -> dict[str, Any]:
+    """The whole config ``provq-fit --config C1 --config C2 ...`` runs (its ``--print_config``):
+    a shipped variant comes back with its base merged in and its curriculum under
+    ``curriculum``, ready to edit and write to a file of its own."""
+    from provq_lightning.tools.fit import main
+
+    args = [arg for config in configs for arg in ("--config", str(config))]
+    argv, out = sys.argv, io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            main([*args, "--print_config"])
+    except SystemExit as exit_:
+        if exit_.code:  # the parser's message went to stderr
+            raise
+    finally:
+        sys.argv = argv
+    return yaml.safe_load(out.getvalue())
 
 
 def run_files(run: Path) -> dict[str, str]:

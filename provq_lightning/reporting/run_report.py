@@ -108,7 +108,13 @@ def curriculum_boundaries(run_dir: Path) -> tuple[int, int] | None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
-    callbacks = (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or []
+    config = yaml.safe_load(path.read_text())
+    section = config.get("curriculum") or {}
+    # provq-fit runs no curriculum for a section left at its defaults: kmeans_init without warmup.
+    if section.get("warmup_steps") or section.get("kmeans_init") is False:
+        warmup = int(section["warmup_steps"])
+        return warmup, warmup + int(section.get("transition_steps") or 0)
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []  # runs of older provq
     for cb in callbacks:
         if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("CurriculumCallback"):
             args = cb.get("init_args") or {}

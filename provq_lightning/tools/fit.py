@@ -16,7 +16,7 @@ from typing import Any
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -39,10 +39,12 @@ from provq_lightning.runs.resolve import (
     redirect_evaluation,
     resolve_last_checkpoint,
 )
-from provq_lightning.tools.curriculum_args import (
-    ProvqArgumentParser,
-    add_curriculum_arguments,
-    apply_curriculum_overrides,
+from provq_lightning.tools.curriculum_section import (
+    PARSER_MODE,
+    SECTION,
+    add_curriculum_section,
+    check_one_curriculum,
+    curriculum_callback,
 )
 from provq_lightning.tools.shipped_configs import resolve_config_args
 
@@ -125,16 +127,15 @@ class ProvqCLI(LightningCLI):
             # A requeued or resumed run writes into the same directory: not an error.
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
-            # --curriculum.* is merged into trainer.callbacks while parsing (see curriculum_args).
-            parser_class=ProvqArgumentParser,
+            # YAML, with configs of the old curriculum layout migrated (curriculum_section).
             parser_kwargs={"prog": "provq-fit", "description": DESCRIPTION,
-                           "version": version_text()},
+                           "version": version_text(), "parser_mode": PARSER_MODE},
             args=args,
             run=run,
         )
 
-    def add_arguments_to_parser(self, parser: ProvqArgumentParser) -> None:
-        add_curriculum_arguments(parser)
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_curriculum_section(parser)
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         # Lightning's --optimizer/--lr_scheduler replace the model's configure_optimizers with
@@ -157,9 +158,6 @@ class ProvqCLI(LightningCLI):
             check_checkpoint_file(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand is not None:
-            # Merged while parsing already; again here in case parsing skipped the hook.
-            apply_curriculum_overrides(self.config[self.subcommand])
         if self.subcommand == "fit":
             resolve_last_checkpoint(self.config["fit"])
         if self.subcommand in EVALUATING:
@@ -189,6 +187,13 @@ class ProvqCLI(LightningCLI):
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
+        curriculum = curriculum_callback(self._get(self.config_init, SECTION))
+        if curriculum is not None:
+            check_one_curriculum(configured)
+            # First, where configs listed it: its step-end hooks run before provq's (a
+            # preemption save must see this step's reservoir).
+            configured = [curriculum, *configured]
+            config["callbacks"] = configured
         # provq's own callbacks (metrics.json, ...); a rich progress bar unless the config brings
         # its own bar or turns bars off (Lightning would add a tqdm one otherwise).
         extra.extend(provq_callbacks(config))

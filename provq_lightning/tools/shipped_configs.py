@@ -6,7 +6,8 @@ repository, see setup.py), so an installed provq trains a shipped config without
 ``topodisc_provq``, ``topodisc_provq.yaml``, ``in100/provq`` and
 ``experiments/in100/provq.yaml`` all name the shipped file. Paths inside a config (data,
 ``save_dir: runs``) stay relative to the working directory, as they are for a config given by
-path.
+path; the base a variant names (``config: topodisc_base.yaml``) is found beside the variant,
+so ``--config topodisc_provq`` is the whole run.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from provq_lightning.callbacks.preemption import (
 )
 from tests.core.helpers import read_records
 from tests.distributed import launch
+from tests.helpers import effective_config
 
 REPO = Path(__file__).resolve().parents[2]
 WARMUP, TRANSITION, STEPS, VAL_EVERY, COLLECT = 20, 20, 60, 10, 4
@@ -60,7 +61,7 @@ class AwaitSignal(Callback):
 
 
 def write_config(tmp: Path, record: Path, world_size: int, wait: dict | None) -> Path:
-    config = yaml.safe_load((REPO / "experiments" / "topodisc_provq.yaml").read_text())
+    config = effective_config(REPO / "experiments" / "topodisc_provq.yaml")
     trainer = config["trainer"]
     trainer.update(
         max_steps=STEPS,
@@ -70,8 +71,8 @@ def write_config(tmp: Path, record: Path, world_size: int, wait: dict | None) ->
         enable_model_summary=False,
     )
     trainer["logger"]["init_args"].update(save_dir=str(tmp), name="fit", version="run")
-    curriculum, checkpoint = trainer["callbacks"]
-    curriculum["init_args"].update(
+    (checkpoint,) = trainer["callbacks"]
+    config["curriculum"].update(
         warmup_steps=WARMUP, transition_steps=TRANSITION, kmeans_collect_batches=COLLECT
     )
     # The periodic checkpoint only at the very end: every resume below starts from the

@@ -187,7 +187,7 @@ def interrupted_sweep_file(tmp: Path) -> Path:
     signalled = yaml.safe_load(yaml.safe_dump(task))
     # No periodic checkpoint before the end: resuming must not depend on one. Every step
     # logged, to see which steps each start of the task ran.
-    signalled["trainer.callbacks"][1]["init_args"]["every_n_train_steps"] = 1000
+    signalled["trainer.callbacks"][0]["init_args"]["every_n_train_steps"] = 1000
     signalled["trainer.log_every_n_steps"] = 1
     sweep = {
         "name": "interrupted",
@@ -312,7 +312,7 @@ def test_real_time_limit_preemption_redoes_nothing(slurm_env, smoke_sweep, tmp_p
     task = dict(smoke["grid"]["variant"]["provq"])
     task.update({k: 0 if v == "{seed}" else v for k, v in smoke["overrides"].items()})
     task = yaml.safe_load(yaml.safe_dump(task))
-    task["trainer.callbacks"][1]["init_args"]["every_n_train_steps"] = 1000  # after the end
+    task["trainer.callbacks"][0]["init_args"]["every_n_train_steps"] = 1000  # after the end
     # 0.2 s a step: 300 steps outlast the warning, which comes 20-50 s after a start (limit
     # 2 minutes, warning 100 s before it, checked every 30 s).
     task["trainer.callbacks"].append(

@@ -86,11 +86,11 @@ def test_task_arguments_resolve_in_provq_fit(name, index, tmp_path, capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["trainer"]["logger"]["init_args"]["version"] == task.name
     if name == "topodisc_smoke":  # the per-level callbacks list replaced the config's
-        curriculum = config["trainer"]["callbacks"][0]["init_args"]
+        curriculum = config["curriculum"]
         assert curriculum["warmup_steps"] == 100 and config["trainer"]["max_steps"] == 300
     if name == "protein":
         assert config["model"]["init_args"]["variant"] == "aminoaseed"
-        assert config["trainer"]["callbacks"][0]["init_args"]["warmup_steps"] == 20000
+        assert config["curriculum"]["warmup_steps"] == 20000
 
 
 def test_lone_placeholder_keeps_its_type_inside_structured_values(tmp_path):

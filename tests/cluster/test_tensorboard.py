@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from provq_lightning.vq.codebook_metrics import CODEBOOK_METRIC_NAMES
+from tests.helpers import effective_config
 
 REPO = Path(__file__).resolve().parents[2]
 WARMUP, TRANSITION, STEPS = 20, 20, 60
@@ -56,7 +57,7 @@ def fit_config(config: dict, tmp: Path) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tb")
-    config = yaml.safe_load((REPO / "experiments" / "topodisc_provq.yaml").read_text())
+    config = effective_config(REPO / "experiments" / "topodisc_provq.yaml")
     trainer = config["trainer"]
     trainer.update(
         max_steps=STEPS,
@@ -66,7 +67,7 @@ def run_dir(tmp_path_factory) -> Path:
         enable_model_summary=False,
     )
     trainer["logger"]["init_args"].update(save_dir=str(tmp), name="topodisc", version="run")
-    trainer["callbacks"][0]["init_args"].update(
+    config["curriculum"].update(
         warmup_steps=WARMUP, transition_steps=TRANSITION, kmeans_collect_batches=4
     )
     config["model"]["init_args"].update(num_codes=16, figure_every_n_steps=30)
@@ -174,7 +175,7 @@ def image_events(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("tb_image")
     write_flat_folder(tmp / "photos", 20)
-    config = yaml.safe_load((REPO / "experiments" / "imagenet_sample_64px.yaml").read_text())
+    config = effective_config(REPO / "experiments" / "imagenet_sample_64px.yaml")
     config["trainer"].update(
         max_steps=3,
         val_check_interval=3,
@@ -183,7 +184,7 @@ def image_events(tmp_path_factory):
         enable_model_summary=False,
     )
     config["trainer"]["logger"]["init_args"].update(save_dir=str(tmp), name="img", version="run")
-    config["trainer"]["callbacks"][0]["init_args"].update(
+    config["curriculum"].update(
         warmup_steps=1, transition_steps=1, kmeans_samples=64, kmeans_collect_batches=1
     )
     config["model"]["init_args"].update(

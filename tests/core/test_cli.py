@@ -10,7 +10,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from provq_lightning.vq.codebook_metrics import CODEBOOK_METRIC_NAMES
-from tests.helpers import cli_in_process
+from tests.helpers import cli_in_process, effective_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,8 +35,8 @@ def test_bad_key_and_bad_type_fail_before_training_naming_the_key(tmp_path, caps
     assert code != 0 and "num_codez" in err
     code, out, err = cli_in_process(capsys, "--config", CONFIG, "--model.init_args.num_codes", "x")
     assert code != 0 and "num_codes" in err
-    cfg = yaml.safe_load(Path(CONFIG).read_text())
-    cfg["trainer"]["callbacks"][0]["init_args"]["warmup_stepz"] = 5
+    cfg = effective_config(CONFIG)
+    cfg["curriculum"]["warmup_stepz"] = 5
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
     code, out, err = cli_in_process(capsys, "--config", str(bad))
@@ -49,7 +49,7 @@ def test_print_config_resolves_the_yaml(capsys):
     assert code == 0, err[-2000:]
     cfg = yaml.safe_load(out)
     assert cfg["model"]["class_path"] == "provq_lightning.topodisc.TopoDiscTokenizer"
-    assert cfg["trainer"]["callbacks"][0]["init_args"]["warmup_steps"] == 1000
+    assert cfg["curriculum"]["warmup_steps"] == 1000
 
 
 def test_fit_writes_config_and_metrics_then_validate_and_test_work(tmp_path):

@@ -13,9 +13,11 @@ import lightning
 import pytest
 import torch
 import yaml
+from provq_lightning.callbacks.curriculum import CurriculumCallback
 
+from provq_lightning.tools.fit import ProvqCLI
 from provq_lightning.tools.tokenize_cli import tokenize_main
-from tests.helpers import cli_in_process
+from tests.helpers import cli_in_process, effective_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "experiments" / "topodisc_provq.yaml")
@@ -97,17 +99,29 @@ def printed(capsys, *args: str) -> dict:
     return yaml.safe_load(out)
 
 
+def curriculum_of(config: Path, *args: str) -> CurriculumCallback | None:
+    """The CurriculumCallback of the trainer ``provq-fit --config config ARGS`` builds."""
+    argv = sys.argv
+    try:
+        sys.argv = ["provq-fit"]
+        cli = ProvqCLI(args=["--config", str(config), *args], run=False)
+    finally:
+        sys.argv = argv
+    found = [c for c in cli.trainer.callbacks if isinstance(c, CurriculumCallback)]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
 def test_curriculum_group_overrides_the_configured_callback(capsys):
     cfg = printed(capsys, "--config", CONFIG, "--curriculum.warmup_steps", "5000",
                   "--curriculum.schedule", "linear")
-    curriculum, checkpoint = cfg["trainer"]["callbacks"]
-    assert curriculum["class_path"] == "provq_lightning.callbacks.curriculum.CurriculumCallback"
-    args = curriculum["init_args"]
+    (checkpoint,) = cfg["trainer"]["callbacks"]
+    args = cfg["curriculum"]
     assert (args["warmup_steps"], args["schedule"]) == (5000, "linear")
     assert (args["transition_steps"], args["lam"]) == (1000, 0.5)  # the config's, untouched
     assert checkpoint["init_args"]["every_n_train_steps"] == 250  # the list is not restated
-    # Effective values live in one place: the group itself is emptied once merged.
-    assert set(cfg["curriculum"].values()) == {None}
+    # Effective values live in one place: the section; no CurriculumCallback among the callbacks.
+    assert not any("Curriculum" in c["class_path"] for c in cfg["trainer"]["callbacks"])
 
 
 def test_curriculum_group_adds_a_callback_to_a_config_without_one(tmp_path, capsys):
@@ -118,11 +132,12 @@ def test_curriculum_group_adds_a_callback_to_a_config_without_one(tmp_path, caps
         "curriculum": {"warmup_steps": 7, "kmeans_init": False},  # a config file section works
     }))
     cfg = printed(capsys, "--config", str(config))
-    (callback,) = cfg["trainer"]["callbacks"]
-    assert callback["class_path"] == "provq_lightning.callbacks.curriculum.CurriculumCallback"
-    assert callback["init_args"]["warmup_steps"] == 7
-    assert callback["init_args"]["kmeans_init"] is False
-    assert callback["init_args"]["schedule"] == "cosine"  # CurriculumCallback's default
+    assert not cfg["trainer"]["callbacks"]
+    callback = curriculum_of(config)
+    assert isinstance(callback, CurriculumCallback)
+    assert cfg["curriculum"]["warmup_steps"] == callback.warmup_steps == 7
+    assert cfg["curriculum"]["kmeans_init"] is callback.kmeans_init is False
+    assert cfg["curriculum"]["schedule"] == callback.schedule == "cosine"  # the default
 
 
 @pytest.mark.parametrize(("key", "value"), [("schedule", "cosin"), ("lam", "1.5")])
@@ -133,6 +148,88 @@ def test_bad_curriculum_group_value_is_one_line_before_training(tmp_path, capsys
     (line,) = err.strip().splitlines()
     assert line.startswith(f"provq-fit: error: CurriculumCallback {key}: ") and value in line
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_config_without_a_curriculum_trains_without_the_callback(tmp_path, capsys):
+    config = tmp_path / "plain.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"class_path": "provq_lightning.topodisc.TopoDiscTokenizer"},
+        "data": {"class_path": "provq_lightning.datamodules.topodisc.TopoDiscDataModule"},
+    }))
+    assert curriculum_of(config) is None  # plain hard VQ: VQTokenizer's own defaults
+    shipped = REPO / "experiments" / "imagenet_sample_64px_vanilla.yaml"
+    assert printed(capsys, "--config", str(shipped))["curriculum"]["warmup_steps"] == 0
+
+
+CURRICULUM_PATH = "provq_lightning.callbacks.curriculum.CurriculumCallback"
+
+
+def old_layout(config: dict) -> dict:
+    """``config`` as provq wrote a run's config.yaml before the ``curriculum:`` section: the
+    curriculum first in ``trainer.callbacks``, and an emptied (all null) ``curriculum`` group."""
+    settings = config.pop("curriculum")
+    entry = {"class_path": CURRICULUM_PATH, "init_args": settings}
+    config["trainer"]["callbacks"] = [entry, *config["trainer"]["callbacks"]]
+    config["curriculum"] = dict.fromkeys(settings)
+    return config
+
+
+def test_old_run_config_with_the_curriculum_in_trainer_callbacks_still_resumes(
+    tmp_path, capsys, caplog
+):
+    cfg = effective_config(CONFIG)
+    cfg["trainer"].update(max_steps=8, val_check_interval=8, enable_progress_bar=False,
+                          enable_model_summary=False)
+    cfg["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path), name="run", version="v")
+    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 4
+    cfg["curriculum"].update(warmup_steps=5, transition_steps=5, kmeans_collect_batches=2)
+    cfg["model"]["init_args"].update(figure_every_n_steps=0)
+    provq_fit("--config", str(fit_yaml(cfg, tmp_path)))
+    run = tmp_path / "run" / "v"
+    # The run as older provq left it: its config.yaml in the old layout.
+    old_text = yaml.safe_dump(old_layout(yaml.safe_load((run / "config.yaml").read_text())))
+    (run / "config.yaml").write_text(old_text)
+    capsys.readouterr()
+
+    code, _, err = cli_in_process(capsys, "--config", str(run / "config.yaml"),
+                                  "--ckpt_path", "last", "--trainer.max_steps", "12")
+    assert code == 0, err[-2000:]
+    (moved,) = [line for line in caplog.messages if "trainer.callbacks" in line]
+    assert "config.yaml" in moved and "curriculum:" in moved
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 12
+    state = next(v for k, v in ckpt["callbacks"].items() if "CurriculumCallback" in k)
+    assert state["seeded_at_step"] == 5 and state["settings"]["warmup_steps"] == 5
+    # The resumed run's config.yaml has the new layout; the old one is kept beside it.
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["curriculum"]["warmup_steps"] == 5
+    assert not any("Curriculum" in c["class_path"] for c in config["trainer"]["callbacks"])
+    assert (run / "config.1.yaml").read_text() == old_text
+
+
+def test_old_layout_takes_command_line_curriculum_values_as_it_did(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(old_layout(effective_config(CONFIG))))
+    cfg = printed(capsys, "--config", str(old), "--curriculum.schedule", "linear")
+    assert (cfg["curriculum"]["warmup_steps"], cfg["curriculum"]["schedule"]) == (1000, "linear")
+    (checkpoint,) = cfg["trainer"]["callbacks"]
+    assert checkpoint["class_path"].endswith("ModelCheckpoint")
+
+
+def test_two_curricula_are_refused_in_one_line(tmp_path, capsys):
+    cfg = old_layout(effective_config(CONFIG))
+    cfg["trainer"]["callbacks"].insert(0, cfg["trainer"]["callbacks"][0])
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump(cfg))
+    code, _, err = cli_in_process(capsys, "--config", str(two))
+    (line,) = err.strip().splitlines()
+    assert code != 0 and "2 CurriculumCallback entries" in line and two.name in line
+    entry = f"--trainer.callbacks+={CURRICULUM_PATH}"
+    code, _, err = cli_in_process(capsys, "--config", CONFIG, entry,
+                                  "--trainer.callbacks.warmup_steps", "3",
+                                  "--trainer.logger.init_args.save_dir", str(tmp_path / "x"))
+    (line,) = err.strip().splitlines()
+    assert code == 1 and "a run has one curriculum" in line
 
 
 # -- --optimizer / --lr_scheduler -------------------------------------------------------
@@ -169,7 +266,7 @@ def topodisc_run(tmp_path_factory) -> Path:
 
 def test_command_line_curriculum_and_optimizer_drive_the_fit(topodisc_run):
     config = yaml.safe_load((topodisc_run / "config.yaml").read_text())
-    args = config["trainer"]["callbacks"][0]["init_args"]
+    args = config["curriculum"]
     assert (args["warmup_steps"], args["transition_steps"]) == (5, 5)
     ckpt = torch.load(topodisc_run / "checkpoints" / "last.ckpt", weights_only=False)
     state = next(v for k, v in ckpt["callbacks"].items() if "CurriculumCallback" in k)
@@ -190,12 +287,12 @@ def test_predict_writes_image_codes_and_csv_logger_gets_the_reconstruction_grid(
     from tests.image.helpers import TINY, write_flat_folder
 
     write_flat_folder(tmp_path / "photos", 12)
-    cfg = yaml.safe_load((REPO / "experiments" / "imagenet_sample_64px.yaml").read_text())
+    cfg = effective_config(REPO / "experiments" / "imagenet_sample_64px.yaml")
     cfg["trainer"].update(max_steps=2, val_check_interval=2)
     cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                 "init_args": {"save_dir": str(tmp_path), "name": "img",
                                               "version": "v"}}
-    cfg["trainer"]["callbacks"][0]["init_args"].update(
+    cfg["curriculum"].update(
         warmup_steps=1, transition_steps=0, kmeans_samples=16, kmeans_collect_batches=1)
     cfg["model"]["init_args"].update({**TINY, "disc_weight": 0.0, "num_codes": 16})
     cfg["data"]["init_args"].update(root=str(tmp_path / "photos"), image_size=16, batch_size=4,
@@ -215,11 +312,10 @@ def test_predict_writes_protein_codes_with_a_configured_writer(tmp_path):
     src.mkdir()
     for name in ("1aki.pdb", "1k6p.pdb", "3o5r.cif"):  # 4 chains
         shutil.copy(EDGE / name, src / name)
-    cfg = yaml.safe_load((REPO / "experiments" / "proteins_sample.yaml").read_text())
+    cfg = effective_config(REPO / "experiments" / "proteins_sample.yaml")
     cfg["trainer"].update(max_steps=2, val_check_interval=2)
     cfg["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path), version="v")
-    cfg["trainer"]["callbacks"][0]["init_args"].update(
-        warmup_steps=1, transition_steps=0, kmeans_collect_batches=1)
+    cfg["curriculum"].update(warmup_steps=1, transition_steps=0, kmeans_collect_batches=1)
     cfg["model"]["init_args"].update(TINY)
     cfg["data"]["init_args"].update(sources=str(src), cache_dir=str(tmp_path / "cache"),
                                     crop_length=32, val_fraction=0.3, batch_size=2)

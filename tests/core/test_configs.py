@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 
 from provq_lightning.tools.fit import ProvqCLI
 from provq_lightning.tools.sweep_spec import load_sweep
+from tests.helpers import effective_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
@@ -79,3 +81,32 @@ def test_every_task_of_every_sweep_builds(sweep):
         except BaseException as err:  # SystemExit from the parser included
             raise AssertionError(f"{sweep.name} task {task.index} ({task.name}): {err!r}") from err
 
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"trainer.logger.init_args.name": ..., ...}``: every leaf of a nested config."""
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    found: dict[str, Any] = {}
+    for key, item in value.items():
+        found.update(_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
+VARIANTS = sorted(p for p in CONFIGS if "config" in (yaml.safe_load(p.read_text()) or {}))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+def test_a_variant_keeps_every_base_setting_it_does_not_set(variant):
+    """A variant names its base (``config: X_base.yaml``) and sets what differs. jsonargparse
+    replaces a whole nested section given there, so a variant sets dotted keys; a section that
+    silently dropped base settings fails here, naming them."""
+    own = yaml.safe_load(variant.read_text())
+    base = variant.parent / own.pop("config")
+    sets = tuple(_leaves(own))
+    base_leaves = _leaves(effective_config(base))
+    variant_leaves = _leaves(effective_config(variant))
+    changed = [key for key in base_leaves.keys() | variant_leaves.keys()
+               if base_leaves.get(key) != variant_leaves.get(key)]
+    unexplained = [key for key in changed if not key.startswith(sets)]
+    assert not unexplained, f"{variant.name} changes base settings it does not set: {unexplained}"

@@ -16,6 +16,7 @@ from PIL import Image
 
 from provq_lightning.reporting.figures import log_figure, log_histogram, to_pixels
 from provq_lightning.reporting.plots import embedding_figure
+from tests.helpers import effective_config
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 20, 10
@@ -101,7 +102,7 @@ def two_logger_run(tmp_path_factory) -> tuple[Path, Path]:
     from provq_lightning.tools.fit import main
 
     out = tmp_path_factory.mktemp("loggers")
-    cfg = yaml.safe_load((REPO / "experiments" / "topodisc_provq.yaml").read_text())
+    cfg = effective_config(REPO / "experiments" / "topodisc_provq.yaml")
     cfg["trainer"].update(max_steps=STEPS, val_check_interval=EVERY, enable_progress_bar=False,
                           enable_model_summary=False)
     cfg["trainer"]["logger"] = [
@@ -110,7 +111,7 @@ def two_logger_run(tmp_path_factory) -> tuple[Path, Path]:
         {"class_path": "lightning.pytorch.loggers.CSVLogger",
          "init_args": {"save_dir": str(out), "name": "csv", "version": "v"}},
     ]
-    cfg["trainer"]["callbacks"][0]["init_args"].update(
+    cfg["curriculum"].update(
         warmup_steps=5, transition_steps=5, kmeans_collect_batches=2)
     cfg["model"]["init_args"].update(num_codes=16, figure_every_n_steps=EVERY)
     cfg["data"]["init_args"].update(steps_per_epoch=EVERY)

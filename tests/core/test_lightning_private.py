@@ -1,4 +1,4 @@
-"""The private attributes of Lightning (and of torch, torchvision and jsonargparse under it) that
+"""The private attributes of Lightning (and of torch and torchvision under it) that
 provq relies on, each checked on the real object, so that a release that renames or drops one
 fails here, naming the attribute and the file to fix, instead of failing opaquely mid-run or,
 where the code reads it with ``getattr(..., default)``, silently changing behaviour.
@@ -16,7 +16,7 @@ import torch
 import torchvision
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torchvision.models.inception import Inception3
@@ -83,10 +83,6 @@ def _cli_methods() -> None:
         assert list(inspect.signature(method).parameters) == params, name
 
 
-def _parse_common() -> None:
-    assert callable(LightningArgumentParser._parse_common)
-
-
 def _inception_forward() -> None:
     assert callable(Inception3._forward)
 
@@ -112,8 +108,6 @@ CHECKS: list[tuple[str, str, Callable[[], None]]] = [
      "callbacks/nonfinite.py", _model_checkpoint_last_saved),
     ("LightningCLI._add_configure_optimizers_method_to_model / _parse_ckpt_path / _get / "
      "_instantiate_trainer / _parser", "provq_lightning/tools/fit.py", _cli_methods),
-    ("LightningArgumentParser._parse_common (jsonargparse)",
-     "provq_lightning/tools/curriculum_args.py", _parse_common),
     ("torchvision Inception3._forward", "provq_lightning/image/pretrained.py", _inception_forward),
     ("torch LRScheduler._last_lr", "callbacks/resume.py", _scheduler_last_lr),
 ]

@@ -27,6 +27,7 @@ from provq_lightning.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from provq_lightning.errors import ProvqError
 from provq_lightning.tools.fit import provq_callbacks
 from provq_lightning.vq.kmeans import NonFiniteInputError, kmeans
+from tests.helpers import effective_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "experiments" / "topodisc_provq.yaml"
@@ -61,7 +62,7 @@ def _nonfinite_tensors(checkpoint: dict[str, Any]) -> list[str]:
 def test_diverging_topodisc_fit_stops_at_the_first_nan_naming_the_term(tmp_path):
     # The command (`--model.init_args.lr 1e8`), plus a checkpoint after every step, so a
     # checkpoint would be written right after the NaN step if the guard let it.
-    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg = effective_config(CONFIG)
     record = tmp_path / "losses.jsonl"
     trainer = cfg["trainer"]
     trainer.update(max_steps=100, log_every_n_steps=1, enable_progress_bar=False)

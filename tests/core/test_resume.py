@@ -21,6 +21,7 @@ import yaml
 
 from tests.core.helpers import read_records as read
 from tests.distributed import launch
+from tests.helpers import effective_config
 
 REPO = Path(__file__).resolve().parents[2]
 WARMUP, TRANSITION, STEPS, EVERY, COLLECT, VAL_EVERY = 40, 40, 100, 5, 8, 10
@@ -35,7 +36,7 @@ SEEDED = "seeded 16 codes by k-means"
 
 
 def write_config(tmp: Path, name: str, record: Path, kill_at: int | None, world_size: int) -> Path:
-    config = yaml.safe_load((REPO / "experiments" / "topodisc_provq.yaml").read_text())
+    config = effective_config(REPO / "experiments" / "topodisc_provq.yaml")
     trainer = config["trainer"]
     trainer.update(
         max_steps=STEPS,
@@ -47,8 +48,8 @@ def write_config(tmp: Path, name: str, record: Path, kill_at: int | None, world_
         enable_model_summary=False,
     )
     trainer["logger"]["init_args"].update(save_dir=str(tmp), name=name, version="run")
-    curriculum, checkpoint = trainer["callbacks"]
-    curriculum["init_args"].update(
+    (checkpoint,) = trainer["callbacks"]
+    config["curriculum"].update(
         warmup_steps=WARMUP, transition_steps=TRANSITION, kmeans_collect_batches=COLLECT
     )
     checkpoint["init_args"].update(every_n_train_steps=EVERY)

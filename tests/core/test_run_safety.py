@@ -17,6 +17,7 @@ from provq_lightning.errors import ProvqError
 from provq_lightning.runs.config_history import write_config_history
 from provq_lightning.runs.lock import RunLock
 from provq_lightning.runs.run_dir import newest_resumable_run
+from tests.helpers import effective_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "experiments" / "topodisc_provq.yaml"
@@ -78,9 +79,9 @@ def test_changed_settings_on_resume_are_applied_or_refused_and_the_config_kept(t
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == ckpt_before
 
     # Another curriculum (shorter or longer warmup): refused at start, naming the change.
-    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg = effective_config(CONFIG)
     for warmup in (500, 2000):
-        cfg["trainer"]["callbacks"][0]["init_args"]["warmup_steps"] = warmup
+        cfg["curriculum"]["warmup_steps"] = warmup
         changed = tmp_path / f"warmup{warmup}.yaml"
         changed.write_text(yaml.safe_dump(cfg))
         proc = provq_fit(tmp_path, "--config", str(changed), *pin, "--ckpt_path", "last")
@@ -89,8 +90,8 @@ def test_changed_settings_on_resume_are_applied_or_refused_and_the_config_kept(t
         assert (run / "config.yaml").read_text() == good_config
 
     # A new learning rate and checkpoint interval: applied, said, recorded; old config kept.
-    cfg = yaml.safe_load(CONFIG.read_text())
-    cfg["trainer"]["callbacks"][1]["init_args"]["every_n_train_steps"] = 7
+    cfg = effective_config(CONFIG)
+    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 7
     interval = tmp_path / "interval.yaml"
     interval.write_text(yaml.safe_dump(cfg))
     proc = provq_fit(
@@ -286,8 +287,8 @@ def test_curriculum_setting_errors_are_one_line_before_training(
 ):
     from provq_lightning.tools.fit import main
 
-    cfg = yaml.safe_load(CONFIG.read_text())
-    cfg["trainer"]["callbacks"][0]["init_args"][setting] = value
+    cfg = effective_config(CONFIG)
+    cfg["curriculum"][setting] = value
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(tmp_path)

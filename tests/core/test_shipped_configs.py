@@ -68,6 +68,17 @@ def test_provq_fit_resolves_shipped_configs_by_name(capsys):
     assert config["data"]["init_args"]["class_list"] == "experiments/in100/classes.txt"
 
 
+def test_a_shipped_variant_brings_its_base_by_name(capsys):
+    code, out, err = cli_in_process(capsys, "--config", "topodisc_provq", "--print_config")
+    assert code == 0, err[-2000:]
+    config = yaml.safe_load(out)
+    assert config["trainer"]["logger"]["init_args"]["name"] == "topodisc_provq"
+    assert config["trainer"]["max_steps"] == 3000  # from topodisc_base.yaml, beside it
+    assert config["model"]["class_path"] == "provq_lightning.topodisc.TopoDiscTokenizer"
+    assert (config["curriculum"]["warmup_steps"], config["curriculum"]["kmeans_init"]) == (
+        1000, True)
+
+
 def test_provq_fit_refuses_an_unknown_config_in_one_line(capsys):
     code, _, err = cli_in_process(capsys, "--config", "topodisc_prvq", "--print_config")
     assert code == 1

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from tests.distributed import launch
+from tests.helpers import effective_config
 from tests.image.helpers import TINY, write_flat_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +59,7 @@ def base_trainer(config: dict, tmp: Path, steps: int) -> dict:
     trainer.update(max_steps=steps, log_every_n_steps=1, limit_val_batches=0,
                    enable_progress_bar=False, enable_model_summary=False)
     trainer["logger"]["init_args"].update(save_dir=str(tmp), name="run", version="v")
-    curriculum = trainer["callbacks"][0]["init_args"]
+    curriculum = config["curriculum"]
     curriculum.update(warmup_steps=WARMUP, transition_steps=TRANSITION, kmeans_collect_batches=1)
     return trainer
 
@@ -68,9 +69,9 @@ def curriculum_state(checkpoint: dict) -> dict:
 
 
 def test_topodisc_warmup_and_transition_under_plain_ddp(tmp_path):
-    config = yaml.safe_load((REPO / "experiments" / "topodisc_provq.yaml").read_text())
+    config = effective_config(REPO / "experiments" / "topodisc_provq.yaml")
     base_trainer(config, tmp_path, WARMUP + TRANSITION + 2)
-    config["trainer"]["callbacks"][1]["init_args"]["every_n_train_steps"] = 5
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 5
     config["model"]["init_args"].update(num_codes=16, figure_every_n_steps=0)
     checkpoint = fit_plain_ddp(config, tmp_path)
     assert checkpoint["global_step"] == WARMUP + TRANSITION + 2
@@ -80,11 +81,11 @@ def test_topodisc_warmup_and_transition_under_plain_ddp(tmp_path):
 def test_image_tokenizer_warmup_transition_and_gan_under_plain_ddp(tmp_path):
     photos = tmp_path / "photos"
     write_flat_folder(photos, 32)
-    config = yaml.safe_load((REPO / "experiments" / "imagenet_sample_64px.yaml").read_text())
+    config = effective_config(REPO / "experiments" / "imagenet_sample_64px.yaml")
     trainer = base_trainer(config, tmp_path, WARMUP + TRANSITION + 2)
     callbacks = trainer["callbacks"]
-    callbacks[0]["init_args"].update(kmeans_samples=4096)
-    callbacks[1]["init_args"]["every_n_train_steps"] = 5
+    config["curriculum"].update(kmeans_samples=4096)
+    callbacks[0]["init_args"]["every_n_train_steps"] = 5
     throughput = next(c for c in callbacks if c["class_path"].endswith("ThroughputMonitor"))
     throughput["init_args"]["window_size"] = 2
     config["model"]["init_args"] = {**TINY, "ch_mult": list(TINY["ch_mult"]), "disc_weight": 0.5,

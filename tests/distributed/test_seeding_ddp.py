@@ -22,6 +22,7 @@ from provq_lightning.vq.codebook_metrics import CODEBOOK_METRIC_NAMES
 from provq_lightning.vq.kmeans import kmeans
 from tests.core.helpers import read_records as read
 from tests.distributed import launch
+from tests.helpers import effective_config
 
 REPO = Path(__file__).resolve().parents[2]
 WARMUP, TRANSITION, STEPS, COLLECT, K = 20, 10, 40, 4, 16
@@ -29,7 +30,7 @@ CODEBOOK_METRICS = tuple(f"val/{name}" for name in CODEBOOK_METRIC_NAMES)
 
 
 def write_config(tmp: Path, version: str, records: bool) -> Path:
-    config = yaml.safe_load((REPO / "experiments" / "topodisc_provq.yaml").read_text())
+    config = effective_config(REPO / "experiments" / "topodisc_provq.yaml")
     trainer = config["trainer"]
     trainer.update(
         max_steps=STEPS,
@@ -39,8 +40,8 @@ def write_config(tmp: Path, version: str, records: bool) -> Path:
         enable_model_summary=False,
     )
     trainer["logger"]["init_args"].update(save_dir=str(tmp), name="topodisc", version=version)
-    curriculum, checkpoint = trainer["callbacks"]
-    curriculum["init_args"].update(
+    (checkpoint,) = trainer["callbacks"]
+    config["curriculum"].update(
         warmup_steps=WARMUP, transition_steps=TRANSITION, kmeans_collect_batches=COLLECT
     )
     checkpoint["init_args"].update(every_n_train_steps=10)

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from provq_lightning.data.paths import REPO_ROOT
-from tests.helpers import provq_fit, run_files
+from tests.helpers import effective_config, provq_fit, run_files
 from tests.image.helpers import TINY, jpeg_bytes, write_flat_folder
 
 
@@ -34,14 +34,14 @@ def write_pictures(root: Path) -> int:
 
 def test_test_on_a_folder_of_pictures_writes_its_own_dir_and_leaves_the_run_untouched(tmp_path):
     write_flat_folder(tmp_path / "photos", 12)
-    cfg = yaml.safe_load((REPO_ROOT / "experiments" / "imagenet_sample_64px.yaml").read_text())
+    cfg = effective_config(REPO_ROOT / "experiments" / "imagenet_sample_64px.yaml")
     cfg["trainer"].update(
         max_steps=2, val_check_interval=2, enable_progress_bar=False, enable_model_summary=False
     )
     # No pinned version: the run's own config.yaml makes Lightning pick a fresh version_N, so
     # the evaluation finds its run from the checkpoint's path.
     cfg["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path), name="img")
-    cfg["trainer"]["callbacks"][0]["init_args"].update(
+    cfg["curriculum"].update(
         warmup_steps=1, transition_steps=0, kmeans_samples=16, kmeans_collect_batches=1
     )
     cfg["model"]["init_args"].update({**TINY, "disc_weight": 0.0, "num_codes": 16})

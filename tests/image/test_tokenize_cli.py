@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from provq_lightning.tools.tokenize_cli import decode_main, load_run, read_codes, tokenize_main
+from tests.helpers import effective_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,11 +25,11 @@ def trained_run(flat_folder, tmp_path_factory) -> Path:
 
     root, _ = flat_folder
     out = tmp_path_factory.mktemp("runs")
-    cfg = yaml.safe_load((REPO / "experiments" / "imagenet_sample_64px.yaml").read_text())
+    cfg = effective_config(REPO / "experiments" / "imagenet_sample_64px.yaml")
     cfg["trainer"].update(max_steps=3, val_check_interval=3, enable_progress_bar=False,
                           enable_model_summary=False)
     cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out), version="t")
-    cfg["trainer"]["callbacks"][0]["init_args"].update(
+    cfg["curriculum"].update(
         warmup_steps=1, transition_steps=1, kmeans_samples=64, kmeans_collect_batches=1)
     cfg["model"]["init_args"].update(ch=16, ch_mult=[1, 2, 2, 4], z_channels=16, num_codes=32)
     cfg["data"]["init_args"].update(root=str(root), image_size=32, batch_size=8, num_workers=0,

@@ -16,7 +16,7 @@ import yaml
 from provq_lightning.data.paths import REPO_ROOT, shared_data_dir
 from provq_lightning.datamodules.proteins import ProteinStructureDataModule, collate_structures
 from provq_lightning.protein.parsing import parse_structure
-from tests.helpers import provq_fit
+from tests.helpers import effective_config, provq_fit
 
 PROTEINS = shared_data_dir() / "proteins"
 EDGE = PROTEINS / "biotite_edge_cases"
@@ -74,12 +74,11 @@ def fit_tiny_run(out: Path, files: tuple[str, ...]) -> Path:
     src.mkdir()
     for name in files:
         shutil.copy(EDGE / name, src / name)
-    cfg = yaml.safe_load((REPO_ROOT / "experiments" / "proteins_sample.yaml").read_text())
+    cfg = effective_config(REPO_ROOT / "experiments" / "proteins_sample.yaml")
     cfg["trainer"].update(max_steps=4, val_check_interval=4, enable_progress_bar=False,
                           enable_model_summary=False)
     cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out), version="t")
-    cfg["trainer"]["callbacks"][0]["init_args"].update(
-        warmup_steps=1, transition_steps=1, kmeans_collect_batches=1)
+    cfg["curriculum"].update(warmup_steps=1, transition_steps=1, kmeans_collect_batches=1)
     cfg["model"]["init_args"].update(TINY)
     cfg["data"]["init_args"].update(sources=str(src), cache_dir=str(out / "cache"),
                                     crop_length=64, val_fraction=0.3, batch_size=2)

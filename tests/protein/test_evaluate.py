@@ -13,7 +13,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from provq_lightning.data.paths import REPO_ROOT
-from tests.helpers import provq_fit, run_files
+from tests.helpers import effective_config, provq_fit, run_files
 from tests.protein.helpers import EDGE, PROTEINS, TINY
 
 TRAIN_FILES = ("1aki.pdb", "1k6p.pdb", "3o5r.cif")
@@ -31,14 +31,12 @@ def trained(tmp_path_factory, proteins_dir) -> tuple[Path, Path]:
         shutil.copy(EDGE / name, src / name)
     for name in NEW_FILES:
         shutil.copy(PROTEINS / "cath_domains" / name, new / name)
-    cfg = yaml.safe_load((REPO_ROOT / "experiments" / "proteins_sample.yaml").read_text())
+    cfg = effective_config(REPO_ROOT / "experiments" / "proteins_sample.yaml")
     cfg["trainer"].update(
         max_steps=4, val_check_interval=4, enable_progress_bar=False, enable_model_summary=False
     )
     cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out), version="t")
-    cfg["trainer"]["callbacks"][0]["init_args"].update(
-        warmup_steps=1, transition_steps=1, kmeans_collect_batches=1
-    )
+    cfg["curriculum"].update(warmup_steps=1, transition_steps=1, kmeans_collect_batches=1)
     cfg["model"]["init_args"].update(TINY)
     cfg["data"]["init_args"].update(
         sources=str(src),

@@ -116,7 +116,7 @@ def test_configs_resolve(name, capsys):
     assert (done.value.code or 0) == 0, out.err[-2000:]
     cfg = yaml.safe_load(out.out)
     assert cfg["model"]["class_path"] == "provq_lightning.protein.tokenizer.ProteinTokenizer"
-    curriculum = cfg["trainer"]["callbacks"][0]["init_args"]
+    curriculum = cfg["curriculum"]
     assert (curriculum["warmup_steps"] > 0) == name.endswith("provq") or name == "proteins_sample"
     if name.startswith("cath"):
         assert cfg["model"]["init_args"]["num_codes"] == 512

@@ -18,6 +18,7 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from tests.distributed.launch import REPO, forkserver
+from tests.helpers import effective_config
 
 RUN_NAME, RUN_VERSION = "run", "v"
 
@@ -41,7 +42,7 @@ def write_config(
     path: Path, save_dir: Path, max_steps: int, every: int, ballast_mib: int = 0
 ) -> Path:
     """A short TopoDisc ProVQ run into ``save_dir/run/v``, checkpointing every ``every`` steps."""
-    config = yaml.safe_load((REPO / "experiments" / "topodisc_provq.yaml").read_text())
+    config = effective_config(REPO / "experiments" / "topodisc_provq.yaml")
     trainer = config["trainer"]
     trainer.update(
         max_steps=max_steps,
@@ -54,8 +55,8 @@ def write_config(
     trainer["logger"]["init_args"].update(
         save_dir=str(save_dir), name=RUN_NAME, version=RUN_VERSION
     )
-    curriculum, checkpoint = trainer["callbacks"]
-    curriculum["init_args"].update(warmup_steps=5, transition_steps=5, kmeans_collect_batches=2)
+    (checkpoint,) = trainer["callbacks"]
+    config["curriculum"].update(warmup_steps=5, transition_steps=5, kmeans_collect_batches=2)
     checkpoint["init_args"].update(every_n_train_steps=every)
     if ballast_mib:
         trainer["callbacks"].append(
