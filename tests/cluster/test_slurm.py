@@ -355,7 +355,7 @@ def test_scancel_saves_at_the_step_in_flight_and_the_resubmitted_task_redoes_not
     task = dict(smoke["grid"]["variant"]["provq"])
     task.update({k: 0 if v == "{seed}" else v for k, v in smoke["overrides"].items()})
     task = yaml.safe_load(yaml.safe_dump(task))
-    task["trainer.callbacks"][1]["init_args"]["every_n_train_steps"] = 1000  # after the end
+    task["trainer.callbacks"][0]["init_args"]["every_n_train_steps"] = 1000  # after the end
     task["trainer.log_every_n_steps"] = 1
     sweep = {"name": "cancelled", "tasks": [{"name": "cancelled", **task}],
              "slurm": smoke["slurm"]}

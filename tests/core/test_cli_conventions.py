@@ -13,8 +13,8 @@ import lightning
 import pytest
 import torch
 import yaml
-from provq_lightning.callbacks.curriculum import CurriculumCallback
 
+from provq_lightning.callbacks.curriculum import CurriculumCallback
 from provq_lightning.tools.fit import ProvqCLI
 from provq_lightning.tools.tokenize_cli import tokenize_main
 from tests.helpers import cli_in_process, effective_config
