@@ -25,6 +25,21 @@ def provq_fit(*args: str) -> None:
         sys.argv = argv
 
 
+def short_topodisc_run(save_dir: Path, version: str = "v", steps: int = 6) -> Path:
+    """A finished TopoDisc ProVQ run of ``steps`` steps (warmup, k-means, transition and hard
+    VQ all inside), fitted in this process; returns its run directory."""
+    repo = Path(__file__).resolve().parents[1]
+    warmup = max(1, steps // 3)
+    provq_fit("--config", str(repo / "experiments" / "topodisc_provq.yaml"),
+              "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.logger.init_args.save_dir", str(save_dir),
+              "--trainer.logger.init_args.version", version,
+              "--curriculum.warmup_steps", str(warmup), "--curriculum.transition_steps",
+              str(warmup), "--curriculum.kmeans_collect_batches", "1")
+    return Path(save_dir) / "topodisc_provq" / version
+
+
 def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
     """``provq-fit ARGS`` in this process as (exit code, stdout, stderr); argument errors exit
     before any training starts."""

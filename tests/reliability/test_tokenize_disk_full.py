@@ -7,22 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import provq_fit
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import short_topodisc_run
 
 
 @pytest.fixture(scope="module")
 def topodisc_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tok")
-    provq_fit("--config", str(REPO / "experiments" / "topodisc_provq.yaml"),
-              "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.logger.init_args.save_dir", str(out),
-              "--trainer.logger.init_args.version", "v",
-              "--curriculum.warmup_steps", "1", "--curriculum.transition_steps", "1",
-              "--curriculum.kmeans_collect_batches", "1")
-    return out / "topodisc_provq" / "v"
+    return short_topodisc_run(tmp_path_factory.mktemp("tok"), steps=4)
 
 
 def tokenize(capsys, run: Path, out: Path) -> tuple[int, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import provq_fit
+from tests.helpers import short_topodisc_run
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "provq_lightning"
@@ -34,14 +34,7 @@ def hostile_run(tmp_path_factory) -> tuple[Path, Path]:
     """A 6-step TopoDisc run whose ``checkpoints/hostile.ckpt`` is its ``last.ckpt`` plus a
     ``RunsCode`` object; returns (run directory, marker path)."""
     out = tmp_path_factory.mktemp("hostile")
-    provq_fit("--config", str(REPO / "experiments" / "topodisc_provq.yaml"),
-              "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.logger.init_args.save_dir", str(out),
-              "--trainer.logger.init_args.version", "v",
-              "--curriculum.warmup_steps", "2", "--curriculum.transition_steps", "2",
-              "--curriculum.kmeans_collect_batches", "1")
-    run = out / "topodisc_provq" / "v"
+    run = short_topodisc_run(out)
     marker = out / "MARKER"
     payload = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     payload["extra"] = RunsCode(marker)
