@@ -85,12 +85,14 @@ def test_fasta_format_is_key_then_ids(trained_run, tmp_path):
     assert len(lines[1].split()) == 16 and all(0 <= int(t) < 32 for t in lines[1].split())
 
 
-def test_missing_config_is_named(tmp_path):
+def test_missing_config_is_named(tmp_path, capsys):
     ckpt = tmp_path / "checkpoints" / "x.ckpt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="config.yaml"):
+    with pytest.raises(SystemExit):  # one line on stderr, not a FileNotFoundError traceback
         tokenize_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert "config.yaml" in err and len(err.splitlines()) == 1
 
 
 def test_report_table_and_reconstruction_grid(trained_run, tmp_path, capsys):
