@@ -272,6 +272,65 @@ def bench_kmeans(args, n: int, k: int) -> dict:
             "blocks_seconds": blocks_s}
 
 
+def bench_threads(args) -> list[dict]:
+    """Search and k-means (K=4096) at 1 thread and at every core, same process, against faiss
+    at the same thread count: the thread-scaling table (issue 25)."""
+    import faiss
+
+    from provq_lightning.vq.kmeans import kmeans
+    from provq_lightning.vq.search import nearest_code
+
+    g = torch.Generator().manual_seed(0)
+    z = 3.0 + torch.randn(args.n, args.d, generator=g)
+    codes = 3.0 + torch.randn(args.k, args.d, generator=g)
+    index = faiss.IndexFlatL2(args.d)
+    index.add(codes.numpy())
+    x = clustered(131072, args.d)
+
+    def inertia(centers: torch.Tensor) -> float:
+        return float((x - centers[nearest_code(x, centers)]).double().pow(2).sum())
+
+    counts = sorted({1, os.cpu_count() or 1})
+    saved = torch.get_num_threads()
+    rows = []
+    try:
+        for threads in counts:
+            torch.set_num_threads(threads)
+            faiss.omp_set_num_threads(threads)
+            search = median_times({"provq": lambda: nearest_code(z, codes),
+                                   "faiss": lambda: index.search(z.numpy(), 1)},
+                                  args.repeats_faiss, torch.device("cpu"))
+            times = []
+            for _ in range(args.kmeans_repeats):  # alternating, as above
+                start = time.perf_counter()
+                ours = kmeans(x, 4096, iters=args.kmeans_iters, tol=0.0, seed=0)
+                mid = time.perf_counter()
+                theirs = faiss.Kmeans(args.d, 4096, niter=args.kmeans_iters, seed=1234)
+                theirs.train(x.numpy())
+                times.append((mid - start, time.perf_counter() - mid))
+            rows.append({
+                "threads": threads, "search": search["provq"], "search_faiss": search["faiss"],
+                "kmeans": statistics.median(t[0] for t in times),
+                "kmeans_faiss": statistics.median(t[1] for t in times),
+                "inertia_ratio": inertia(ours.centers)
+                / inertia(torch.from_numpy(theirs.centroids)),
+            })
+    finally:
+        torch.set_num_threads(saved)
+    one = rows[0]
+    print(f"\nThread scaling, same process: search N={args.n} K={args.k} D={args.d} (median of "
+          f"{args.repeats_faiss}), k-means K=4096 on 131072 x {args.d}, {args.kmeans_iters} "
+          f"iterations (median of {args.kmeans_repeats}); faiss at the same thread count")
+    print(f"{'threads':>7}{'search s':>10}{'x 1 thr':>9}{'/ faiss':>9}"
+          f"{'k-means s':>11}{'x 1 thr':>9}{'/ faiss':>9}{'inertia':>9}")
+    for r in rows:
+        print(f"{r['threads']:>7}{r['search']:>10.3f}{one['search'] / r['search']:>9.2f}"
+              f"{r['search'] / r['search_faiss']:>9.2f}{r['kmeans']:>11.2f}"
+              f"{one['kmeans'] / r['kmeans']:>9.2f}{r['kmeans'] / r['kmeans_faiss']:>9.2f}"
+              f"{r['inertia_ratio']:>9.4f}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=CASES)
@@ -285,9 +344,14 @@ def main() -> None:
     parser.add_argument("--kmeans-repeats", type=int, default=3)
     parser.add_argument("--skip-kmeans", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--threads-only", action="store_true",
+                        help="only the thread-scaling table (1 thread and every core)")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.n, args.k, args.d, args.device, args.repeats)))
+        return
+    if args.threads_only:
+        bench_threads(args)
         return
     bench_search(args)
     bench_search_faiss(args)
@@ -296,6 +360,7 @@ def main() -> None:
     if not args.skip_kmeans:
         bench_kmeans(args, 131072, 4096)
         bench_kmeans(args, 262144, 16384)
+    bench_threads(args)
 
 
 if __name__ == "__main__":
