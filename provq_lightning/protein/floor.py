@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 import yaml
 from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
 
 from provq_lightning.codebook_metrics import usage_statistics
+from provq_lightning.datamodules.proteins import collate_structures
 from provq_lightning.errors import ProvqError
 from provq_lightning.kmeans import kmeans
 from provq_lightning.protein.internal import ca_internal, nerf_ca, place_n_c
@@ -131,9 +133,6 @@ def _floor(argv: list[str] | None) -> None:
     k = args.num_codes or data.num_codes
     if k < 1:
         raise ProvqError(f"no model.init_args.num_codes in {args.config}; pass --num-codes")
-    from provq_lightning.datamodules.proteins import collate_structures
-    from torch.utils.data import DataLoader
-
     train = data.train_set
     _whole_chains(train)
     loader = DataLoader(train, batch_size=16, collate_fn=collate_structures)

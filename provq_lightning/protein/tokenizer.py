@@ -18,6 +18,7 @@ ProVQ or not is the ``CurriculumCallback`` in the config, not a model option.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -73,7 +74,9 @@ class ProteinTokenizer(VQTokenizer):
         distance_clamp, direction_clamp: per-pair squared-error clamps (25, 20).
         distance_cutoff: only atom pairs closer than this (A) in the input count in the
             distance loss (15: the pairs lDDT scores); None: every pair (ESM3).
-        lr, weight_decay, lr_warmup_steps: AdamW with a linear learning-rate warmup.
+        lr, weight_decay, lr_warmup_steps: AdamW with a linear learning-rate warmup;
+            ``lr_decay_to`` < 1: then a cosine decay to that fraction of ``lr`` at the
+            trainer's ``max_steps`` (1: constant).
         num_log_structures: at every validation, a picture of each of the first this many
             validation chains (the same chains every time; 0: none), see ``protein.plots``.
         encoder_type: ``geometric`` (kNN geometric attention, ESM3) or ``local`` (window of CA
@@ -126,6 +129,7 @@ class ProteinTokenizer(VQTokenizer):
         offset_weight: float = 0.1,
         local_distance_weight: float = 0.0,
         local_distance_window: int = 8,
+        lr_decay_to: float = 1.0,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -322,10 +326,21 @@ class ProteinTokenizer(VQTokenizer):
             ],
             lr=hp.lr,
         )
-        if hp.lr_warmup_steps <= 0:
+        decay_to = hp.get("lr_decay_to", 1.0)
+        if hp.lr_warmup_steps <= 0 and decay_to >= 1.0:
             return opt
-        warm = hp.lr_warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        warm = max(hp.lr_warmup_steps, 1)
+        total = self.trainer.max_steps if self._trainer is not None else -1
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if decay_to >= 1.0 or total is None or total <= warm:
+                return 1.0
+            progress = min(1.0, (step - warm) / (total - warm))
+            return decay_to + (1.0 - decay_to) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- the contract's codes and files (provq-tokenize, provq-decode, provq-fit predict) -------
