@@ -41,6 +41,9 @@ class InternalCoordinateDecoder(nn.Module):
         code_dim: dimension of the quantized latents.
         dim, layers: trunk width and depth; ``heads`` for the transformer trunk.
         trunk: ``conv`` (kernel ``kernel``, dilations cycling 1, 2, 4) or ``transformer``.
+        angle_residual: > 0 (the encoder's ``angle_skip`` scale): the code's first 4 dimensions,
+            divided by it, are the residue's (theta, tau) as the codebook holds them, and the
+            head predicts a correction on top (zero at initialisation).
     """
 
     def __init__(
@@ -51,8 +54,10 @@ class InternalCoordinateDecoder(nn.Module):
         trunk: str = "conv",
         heads: int = 4,
         kernel: int = 5,
+        angle_residual: float = 0.0,
     ) -> None:
         super().__init__()
+        self.angle_residual = angle_residual
         if trunk not in TRUNKS:
             raise ValueError(f"decoder trunk must be one of {TRUNKS}, got {trunk!r}")
         self.trunk = trunk
@@ -71,6 +76,9 @@ class InternalCoordinateDecoder(nn.Module):
         with torch.no_grad():
             self.offset_head.weight.mul_(0.1)
             self.offset_head.bias.copy_(torch.tensor(MEAN_N_C_OFFSETS).flatten())
+            if angle_residual > 0:
+                self.angle_head.weight.zero_()
+                self.angle_head.bias.zero_()
 
     def forward(
         self,
@@ -95,6 +103,8 @@ class InternalCoordinateDecoder(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             h = x.float()
             angles = self.angle_head(h)
+            if self.angle_residual > 0:
+                angles = angles + z[..., :4].float() / self.angle_residual
             theta, tau = angles[..., :2], angles[..., 2:]
             offsets = self.offset_head(h).unflatten(-1, (2, 3))
             ca = nerf_ca(theta, tau)

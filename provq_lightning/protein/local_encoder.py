@@ -17,6 +17,7 @@ from provq_lightning.protein.encoder import gather_neighbours, knn_neighbours
 from provq_lightning.protein.internal import ca_internal
 
 ANGLE_FEATURES = 6  # cos/sin theta, cos/sin tau, theta valid, tau valid
+ANGLE_SKIP_DIMS = 4  # cos/sin theta, cos/sin tau
 
 
 def window_features(
@@ -67,6 +68,11 @@ class LocalGeometryEncoder(nn.Module):
         knn: also encode RBF distances to this many nearest residues (0: off), with their
             clamped sequence offsets.
         kernel: convolution width.
+        angle_skip: > 0: the latent's first 4 dimensions are the residue's own (cos theta,
+            sin theta, cos tau, sin tau) times this scale (zeros where undefined), the rest is
+            learned; the quantizer then clusters the angles themselves (as the k-means floor
+            does) together with the learned context, and ``angle_residual`` in the decoder
+            reads them back.
     """
 
     def __init__(
@@ -79,9 +85,13 @@ class LocalGeometryEncoder(nn.Module):
         knn: int = 0,
         kernel: int = 3,
         rel_pos_bins: int = 32,
+        angle_skip: float = 0.0,
     ) -> None:
         super().__init__()
+        if angle_skip > 0 and code_dim <= ANGLE_SKIP_DIMS:
+            raise ValueError(f"angle_skip needs code_dim > {ANGLE_SKIP_DIMS}, got {code_dim}")
         self.before, self.after, self.knn = window_before, window_after, knn
+        self.angle_skip = angle_skip
         width = (window_before + 1 + window_after) * ANGLE_FEATURES
         self.inp = nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, dim))
         if knn > 0:
@@ -91,7 +101,7 @@ class LocalGeometryEncoder(nn.Module):
             )
         self.blocks = nn.ModuleList(ConvBlock(dim, kernel) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
-        self.proj = nn.Linear(dim, code_dim)
+        self.proj = nn.Linear(dim, code_dim - (ANGLE_SKIP_DIMS if angle_skip > 0 else 0))
 
     def forward(
         self, coords: torch.Tensor, residue_mask: torch.Tensor, residue_index: torch.Tensor
@@ -105,6 +115,10 @@ class LocalGeometryEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, pad)
         z = self.proj(self.norm(x))
+        if self.angle_skip > 0:
+            with torch.autocast(coords.device.type, enabled=False):
+                angles = window_features(ca, residue_mask, 0, 0)[..., :ANGLE_SKIP_DIMS]
+            z = torch.cat([self.angle_skip * angles.to(z.dtype), z], dim=-1)
         return z.masked_fill(~residue_mask.unsqueeze(-1), 0.0)
 
     def _neighbours(self, ca, mask, residue_index) -> torch.Tensor:

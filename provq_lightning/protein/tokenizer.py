@@ -88,6 +88,9 @@ class ProteinTokenizer(VQTokenizer):
             ``transformer``); its losses: ``angle_weight`` x (1 - cos) of theta and tau,
             ``offset_weight`` x MSE of the N/C offsets, ``local_distance_weight`` x the CA
             distance loss over pairs up to ``local_distance_window`` apart along the chain.
+        angle_skip: with the local encoder and the internal head: the residue's own angles,
+            times this scale, are 4 of the code's dimensions, and the decoder predicts a
+            correction to the angles its code holds (0: off).
     """
 
     # Registered by VQTokenizer.__init__, ahead of the quantizer.
@@ -130,6 +133,7 @@ class ProteinTokenizer(VQTokenizer):
         local_distance_weight: float = 0.0,
         local_distance_window: int = 8,
         lr_decay_to: float = 1.0,
+        angle_skip: float = 0.0,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -148,7 +152,7 @@ class ProteinTokenizer(VQTokenizer):
         else:
             encoder = LocalGeometryEncoder(
                 encoder_dim, encoder_layers, code_dim, window_before, window_after,
-                knn, rel_pos_bins=rel_pos_bins,
+                knn, rel_pos_bins=rel_pos_bins, angle_skip=angle_skip,
             )
         aminoaseed = variant == "aminoaseed"
         quantizer = VectorQuantizer(
@@ -171,7 +175,8 @@ class ProteinTokenizer(VQTokenizer):
             )
         else:
             decoder = InternalCoordinateDecoder(
-                code_dim, decoder_dim, decoder_layers, decoder_trunk, decoder_heads
+                code_dim, decoder_dim, decoder_layers, decoder_trunk, decoder_heads,
+                angle_residual=angle_skip if encoder_type == "local" else 0.0,
             )
         super().__init__(quantizer, {"encoder": encoder})
         self.save_hyperparameters()
