@@ -167,3 +167,22 @@ def test_local_encoder_tokens_are_rigid_invariant_and_see_a_mirror(proteins_dir)
     assert torch.allclose(model.encode(moved), z, atol=1e-4)
     mirrored = dict(batch, coords=batch["coords"] * torch.tensor([1.0, 1.0, -1.0]))
     assert (model.encode(mirrored) - z).abs().max() > 1e-2
+
+
+def test_angle_skip_codes_hold_the_angles_and_the_decoder_starts_from_them(proteins_dir):
+    """With ``angle_skip`` the latent's first 4 dimensions are the scaled (theta, tau) of the
+    residue, and the untrained decoder rebuilds the trace from exactly those angles."""
+    from provq_lightning.protein.internal import ca_internal, nerf_ca
+
+    torch.manual_seed(0)
+    model = ProteinTokenizer(**{**TINY, "encoder_type": "local", "decoder_head": "internal",
+                                "angle_skip": 4.0}).eval()
+    batch = chain_batch(("1aki.pdb",))
+    z = model.encode(batch)
+    ca = batch["coords"][:, :, 1]
+    theta, tau, *_ = ca_internal(ca, batch["residue_mask"])
+    assert torch.allclose(z[..., :4] / 4.0, torch.cat([theta, tau], -1), atol=1e-5)
+    out = model.decoder(z, batch["residue_mask"], batch["pad_mask"])
+    assert torch.allclose(out.backbone[:, :, 1], nerf_ca(theta, tau), atol=1e-3)
+    with pytest.raises(ValueError, match="angle_skip needs code_dim > 4"):
+        ProteinTokenizer(**{**TINY, "code_dim": 4, "encoder_type": "local", "angle_skip": 1.0})
