@@ -118,6 +118,32 @@ class CachedStructures(Dataset):
         }
 
 
+class ConcatStructures(Dataset):
+    """Several ``CachedStructures`` read as one; passes ``(index, crop_seed)`` through."""
+
+    def __init__(self, parts: Sequence[CachedStructures]) -> None:
+        self.parts = list(parts)
+        self.starts = []
+        total = 0
+        for part in self.parts:
+            self.starts.append(total)
+            total += len(part)
+        self.length = total
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        seed = None
+        if isinstance(index, tuple):
+            index, seed = index
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        k = bisect.bisect_right(self.starts, index) - 1
+        local = index - self.starts[k]
+        return self.parts[k][local if seed is None else (local, seed)]
+
+
 def collate_structures(items: list[dict]) -> dict:
     """Pad to the longest chain: coords (B, L, 4, 3) with zeros where absent, ``atom_mask``
     (B, L, 4), ``residue_mask`` (N, CA and C present), ``pad_mask`` (real positions)."""
@@ -165,6 +191,14 @@ class ProteinStructureDataModule(ResumableDataModule):
             every chain in validation (``provq-fit validate`` on a whole set; a fit refuses it).
         batch_size, num_workers: data loading.
         prep_workers: processes for parsing when the cache is built.
+        train_sources: more chains for training only: parsed into a cache of their own with
+            no validation split and added to the training split of ``sources``, so the
+            validation split stays that of ``sources`` alone (whatever these hold).
+        train_holdout: the fraction of ``train_sources`` entries (by the hash of the entry
+            name and ``split_seed``, like the validation split) kept out of training: never
+            trained on nor validated on, a set of structures the model has not seen.
+        test_on_holdout: ``provq-fit test`` evaluates those held-out chains (whole set, crops
+            as validation) instead of the validation split or ``test_sources``.
         test_sources: what ``provq-fit test`` evaluates, every chain of it (no split, no
             ``chains`` filter), in its own cache next to ``cache_dir``; the training
             ``sources`` are then not read. None: test on the validation split.
@@ -185,11 +219,25 @@ class ProteinStructureDataModule(ResumableDataModule):
         num_workers: int = 0,
         prep_workers: int = 1,
         test_sources: str | list[str] | None = None,
+        train_sources: str | list[str] | None = None,
+        train_holdout: float = 0.0,
+        test_on_holdout: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.sources = [sources] if isinstance(sources, str) else list(sources)
         self.test_sources = [test_sources] if isinstance(test_sources, str) else test_sources
+        self.train_sources = (
+            [train_sources] if isinstance(train_sources, str) else list(train_sources or [])
+        )
+        if not 0.0 <= train_holdout < 1.0:
+            raise ValueError(f"data.init_args.train_holdout must lie in [0, 1), got "
+                             f"{train_holdout}; it is the share of train_sources kept out")
+        if test_on_holdout and not (self.train_sources and train_holdout > 0):
+            raise ValueError("data.init_args.test_on_holdout needs train_sources and "
+                             "train_holdout > 0 (the held-out chains it evaluates)")
+        self.train_holdout = train_holdout
+        self.test_on_holdout = test_on_holdout
         self.settings = CacheSettings(
             options=ParseOptions(altloc, min_length, max_length),
             val_fraction=val_fraction,
@@ -223,8 +271,30 @@ class ProteinStructureDataModule(ResumableDataModule):
         parent = self.cache_dir.parent if self._cache_dir is not None else Path("runs") / "cache"
         return parent / f"proteins-{fingerprint(files, self.test_settings)}"
 
+    # -- train_sources: chains that only add to the training split ------------------------
+    @property
+    def train_only_settings(self) -> CacheSettings:
+        # Its "val" split is the held-out part (never read for training or validation).
+        return replace(self.settings, val_fraction=self.train_holdout)
+
+    @property
+    def train_only_cache_dir(self) -> Path:
+        files = discover([resolve_data_path(s) for s in self.train_sources]).files
+        parent = self.cache_dir.parent if self._cache_dir is not None else Path("runs") / "cache"
+        return parent / f"proteins-{fingerprint(files, self.train_only_settings)}"
+
+    def _prepare_train_only_cache(self) -> None:
+        sources = [resolve_data_path(s) for s in self.train_sources]
+        manifest = prepare_cache(
+            sources, self.train_only_cache_dir, self.train_only_settings,
+            workers=self.prep_workers,
+        )
+        log_ignored(manifest)
+        print(f"train-only structures: {counts_line(manifest)} "
+              f"(cache {self.train_only_cache_dir})", flush=True)
+
     def _tests_other_sources(self, stage: str | None = None) -> bool:
-        if self.test_sources is None:
+        if self.test_sources is None or self.test_on_holdout:
             return False
         if self.trainer is not None:
             return self.trainer.state.fn == TrainerFn.TESTING
@@ -250,6 +320,8 @@ class ProteinStructureDataModule(ResumableDataModule):
         # used 4 of 70 files is the failure this line exists to expose.
         log_ignored(manifest)
         print(f"structures: {counts_line(manifest)} (cache {self.cache_dir})", flush=True)
+        if self.train_sources:
+            self._prepare_train_only_cache()
 
     def setup(self, stage: str | None = None) -> None:
         if self._tests_other_sources(stage):
@@ -265,6 +337,14 @@ class ProteinStructureDataModule(ResumableDataModule):
         if self.trainer is None:
             self.prepare_data()
         self.train_set = CachedStructures(cache, "train", self.crop_length, random_crop=True)
+        if self.train_sources:
+            extra = CachedStructures(
+                self.train_only_cache_dir, "train", self.crop_length, random_crop=True
+            )
+            self.train_set = ConcatStructures([self.train_set, extra])
+            self.holdout_set = CachedStructures(
+                self.train_only_cache_dir, "val", self.crop_length, random_crop=False
+            )
         self.val_set = CachedStructures(cache, "val", self.crop_length, random_crop=False)
         if len(self.train_set) == 0 and stage in (None, "fit"):
             if self.settings.val_fraction >= 1.0:
@@ -301,6 +381,8 @@ class ProteinStructureDataModule(ResumableDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        if self.test_on_holdout:
+            return self._loader(self.holdout_set, shuffle=False)
         if self.test_sources is not None:
             return self._loader(self.test_set, shuffle=False)
         return self.val_dataloader()

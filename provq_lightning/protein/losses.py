@@ -103,3 +103,24 @@ def distogram_loss(logits: torch.Tensor, true: torch.Tensor, mask: torch.Tensor)
     target = distogram_bins(pairwise_distances(cb), logits.shape[-1])
     ce = F.cross_entropy(logits.permute(0, 3, 1, 2).float(), target, reduction="none")
     return _masked_mean(ce, mask.unsqueeze(-1) & mask.unsqueeze(-2))
+
+
+def windowed_ca_distance_loss(
+    pred_ca: torch.Tensor,
+    true_ca: torch.Tensor,
+    mask: torch.Tensor,
+    window: int = 8,
+    clamp: float = 25.0,
+) -> torch.Tensor:
+    """Clamped MSE of CA-CA distances between residues at most ``window`` apart along the
+    chain (the short-range pairs that dominate lDDT); ``pred_ca``/``true_ca`` (B, L, 3).
+    O(L x window), unlike the all-pairs loss."""
+    errors, weights = [], []
+    for k in range(1, min(window, pred_ca.shape[1] - 1) + 1):
+        d_pred = (pred_ca[:, k:] - pred_ca[:, :-k]).norm(dim=-1)
+        d_true = (true_ca[:, k:] - true_ca[:, :-k]).norm(dim=-1)
+        errors.append((d_pred - d_true).pow(2).clamp(max=clamp).flatten())
+        weights.append((mask[:, k:] & mask[:, :-k]).flatten())
+    if not errors:
+        return pred_ca.new_zeros(())
+    return _masked_mean(torch.cat(errors), torch.cat(weights))

@@ -3,6 +3,12 @@
 Encoder (kNN geometric attention, SE(3)-invariant) -> ``VectorQuantizer`` -> decoder
 (transformer over codes, frame head placing ideal N/CA/C, C-beta distogram head).
 
+Options beside that ESM3-style default (the ``cath_*`` configs): ``encoder_type: local`` reads
+each residue's window of CA internal coordinates (``local_encoder.py``), and
+``decoder_head: internal`` predicts CA (theta, tau) and builds the trace by NeRF
+(``internal_decoder.py``), trained with an angular loss, the N/C offset loss and optionally a
+short-window CA distance loss.
+
 Variants (``variant``):
 - ``vanilla``: a plain learnable codebook (StructTokenBench's VanillaVQ);
 - ``aminoaseed``: effective codes = Linear(C) with the base codebook C frozen (after k-means
@@ -12,6 +18,7 @@ ProVQ or not is the ``CurriculumCallback`` in the config, not a model option.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -20,10 +27,19 @@ from torchmetrics import Metric
 from provq_lightning.protein.decoder import StructureDecoder
 from provq_lightning.protein.encoder import StructureEncoder
 from provq_lightning.protein.geometry import backbone_with_oxygen
+from provq_lightning.protein.internal import (
+    angular_loss,
+    ca_internal,
+    local_offsets,
+    trace_frames,
+)
+from provq_lightning.protein.internal_decoder import InternalCoordinateDecoder
+from provq_lightning.protein.local_encoder import LocalGeometryEncoder
 from provq_lightning.protein.losses import (
     backbone_direction_loss,
     backbone_distance_loss,
     distogram_loss,
+    windowed_ca_distance_loss,
 )
 from provq_lightning.protein.metrics import CALDDT, BackboneRMSD, TMScore
 from provq_lightning.protein.pdb_io import write_backbone_pdb
@@ -35,6 +51,8 @@ from provq_lightning.tokens.names import safe_file_name
 from provq_lightning.vq.quantizer import VectorQuantizer
 
 VARIANTS = ("vanilla", "aminoaseed")
+ENCODERS = ("geometric", "local")
+DECODER_HEADS = ("frames", "internal")
 MISSING_TOKEN = -1  # residues without a backbone frame have no code
 
 
@@ -58,12 +76,27 @@ class ProteinTokenizer(VQTokenizer):
         distance_clamp, direction_clamp: per-pair squared-error clamps (25, 20).
         distance_cutoff: only atom pairs closer than this (A) in the input count in the
             distance loss (15: the pairs lDDT scores); None: every pair (ESM3).
-        lr, weight_decay, lr_warmup_steps: AdamW with a linear learning-rate warmup.
+        lr, weight_decay, lr_warmup_steps: AdamW with a linear learning-rate warmup;
+            ``lr_decay_to`` < 1: then a cosine decay to that fraction of ``lr`` at the
+            trainer's ``max_steps`` (1: constant).
         num_log_structures: at every validation, a picture of each of the first this many
             validation chains (the same chains every time; 0: none), see ``protein.plots``.
+        encoder_type: ``geometric`` (kNN geometric attention, ESM3) or ``local`` (window of CA
+            internal coordinates ``window_before``..``window_after`` around each residue, then
+            ``encoder_layers`` conv blocks; ``knn`` > 0 adds RBF distances to that many
+            nearest residues).
+        decoder_head: ``frames`` (rotary transformer + frame head + distogram, ESM3) or
+            ``internal`` (CA theta/tau + NeRF, trunk ``decoder_trunk``: ``conv`` or
+            ``transformer``); its losses: ``angle_weight`` x (1 - cos) of theta and tau,
+            ``offset_weight`` x MSE of the N/C offsets, ``local_distance_weight`` x the CA
+            distance loss over pairs up to ``local_distance_window`` apart along the chain.
+        angle_skip: with the local encoder and the internal head: the residue's own angles,
+            times this scale, are 4 of the code's dimensions, and the decoder predicts a
+            correction to the angles its code holds (0: off).
     """
 
-    encoder: StructureEncoder  # registered by VQTokenizer.__init__, ahead of the quantizer
+    # Registered by VQTokenizer.__init__, ahead of the quantizer.
+    encoder: StructureEncoder | LocalGeometryEncoder
 
     def __init__(
         self,
@@ -92,14 +125,37 @@ class ProteinTokenizer(VQTokenizer):
         weight_decay: float = 0.01,
         lr_warmup_steps: int = 0,
         num_log_structures: int = 2,
+        encoder_type: str = "geometric",
+        window_before: int = 2,
+        window_after: int = 3,
+        decoder_head: str = "frames",
+        decoder_trunk: str = "conv",
+        angle_weight: float = 1.0,
+        offset_weight: float = 0.1,
+        local_distance_weight: float = 0.0,
+        local_distance_window: int = 8,
+        lr_decay_to: float = 1.0,
+        angle_skip: float = 0.0,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if encoder_type not in ENCODERS:
+            raise ValueError(f"encoder_type must be one of {ENCODERS}, got {encoder_type!r}")
+        if decoder_head not in DECODER_HEADS:
+            raise ValueError(
+                f"decoder_head must be one of {DECODER_HEADS}, got {decoder_head!r}"
+            )
         # Built in this order (encoder, codebook, decoder) so seeded initialisation is the same
         # as in every earlier release.
-        encoder = StructureEncoder(
-            encoder_dim, encoder_heads, encoder_layers, code_dim, knn, rel_pos_bins
-        )
+        if encoder_type == "geometric":
+            encoder = StructureEncoder(
+                encoder_dim, encoder_heads, encoder_layers, code_dim, knn, rel_pos_bins
+            )
+        else:
+            encoder = LocalGeometryEncoder(
+                encoder_dim, encoder_layers, code_dim, window_before, window_after,
+                knn, rel_pos_bins=rel_pos_bins, angle_skip=angle_skip,
+            )
         aminoaseed = variant == "aminoaseed"
         quantizer = VectorQuantizer(
             num_codes,
@@ -110,14 +166,20 @@ class ProteinTokenizer(VQTokenizer):
             freeze_base_codebook=aminoaseed,
             init=codebook_init,
         )
-        decoder = StructureDecoder(
-            code_dim,
-            decoder_dim,
-            decoder_heads,
-            decoder_layers,
-            distogram_bins=64 if distogram_weight > 0 else 0,
-            pair_dim=pair_dim,
-        )
+        if decoder_head == "frames":
+            decoder = StructureDecoder(
+                code_dim,
+                decoder_dim,
+                decoder_heads,
+                decoder_layers,
+                distogram_bins=64 if distogram_weight > 0 else 0,
+                pair_dim=pair_dim,
+            )
+        else:
+            decoder = InternalCoordinateDecoder(
+                code_dim, decoder_dim, decoder_layers, decoder_trunk, decoder_heads,
+                angle_residual=angle_skip if encoder_type == "local" else 0.0,
+            )
         super().__init__(quantizer, {"encoder": encoder})
         self.save_hyperparameters()
         self.decoder = decoder
@@ -128,8 +190,33 @@ class ProteinTokenizer(VQTokenizer):
     def encode(self, batch: dict) -> torch.Tensor:
         return self.encoder(batch["coords"], batch["residue_mask"], batch["residue_index"])
 
+    def internal_losses(self, batch: dict, out) -> dict[str, torch.Tensor]:
+        """Losses of the internal-coordinate head: angles, N/C offsets, short-range CA
+        distances (this last one only when weighted)."""
+        hp = self.hparams
+        true = batch["coords"][:, :, :3].float()
+        mask = batch["residue_mask"]
+        with torch.autocast(true.device.type, enabled=False):
+            theta, tau, theta_ok, tau_ok = ca_internal(true[:, :, 1], mask)
+            target = local_offsets(true, trace_frames(true[:, :, 1]))
+            err = (out.offsets.float() - target).pow(2).sum(-1).mean(-1)
+            w = mask.float()
+            losses = {
+                "theta": angular_loss(out.theta.float(), theta, theta_ok),
+                "tau": angular_loss(out.tau.float(), tau, tau_ok),
+                "offsets": (err * w).sum() / w.sum().clamp_min(1.0),
+            }
+            if hp.get("local_distance_weight", 0.0) > 0:
+                losses["local_distance"] = windowed_ca_distance_loss(
+                    out.backbone[:, :, 1].float(), true[:, :, 1], mask,
+                    hp.local_distance_window,
+                )
+        return losses
+
     def reconstruction_losses(self, batch: dict, out) -> dict[str, torch.Tensor]:
         hp = self.hparams
+        if hp.get("decoder_head", "frames") == "internal":
+            return self.internal_losses(batch, out)
         true = batch["coords"][:, :, :3].float()
         pred = out.backbone.float()
         mask = batch["residue_mask"]
@@ -158,6 +245,10 @@ class ProteinTokenizer(VQTokenizer):
             "distance": hp.distance_weight,
             "direction": hp.direction_weight,
             "distogram": hp.distogram_weight,
+            "theta": hp.get("angle_weight", 1.0),
+            "tau": hp.get("angle_weight", 1.0),
+            "offsets": hp.get("offset_weight", 0.1),
+            "local_distance": hp.get("local_distance_weight", 0.0),
         }
         recon = sum(weights[k] * v for k, v in losses.items())
         return q, out, losses, recon
@@ -242,10 +333,21 @@ class ProteinTokenizer(VQTokenizer):
             ],
             lr=hp.lr,
         )
-        if hp.lr_warmup_steps <= 0:
+        decay_to = hp.get("lr_decay_to", 1.0)
+        if hp.lr_warmup_steps <= 0 and decay_to >= 1.0:
             return opt
-        warm = hp.lr_warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        warm = max(hp.lr_warmup_steps, 1)
+        total = self.trainer.max_steps if self._trainer is not None else -1
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if decay_to >= 1.0 or total is None or total <= warm:
+                return 1.0
+            progress = min(1.0, (step - warm) / (total - warm))
+            return decay_to + (1.0 - decay_to) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- the contract's codes and files (provq-tokenize, provq-decode, provq-fit predict) -------

@@ -82,10 +82,18 @@ def fit_tiny_run(out: Path, files: tuple[str, ...]) -> Path:
     cfg["model"]["init_args"].update(TINY)
     cfg["data"]["init_args"].update(sources=str(src), cache_dir=str(out / "cache"),
                                     crop_length=64, val_fraction=0.3, batch_size=2)
+    drop_train_sources(cfg)
     config = out / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg))
     provq_fit("--config", str(config))
     return out / "proteins_sample_provq" / "t"
+
+
+def drop_train_sources(cfg: dict) -> None:
+    """A tiny test fit reads only its own files, not the sample config's extra training
+    folder (hundreds of structures)."""
+    for key in ("train_sources", "train_holdout", "test_on_holdout"):
+        cfg["data"]["init_args"].pop(key, None)
 
 
 def cath_datamodule(cache_dir: Path, val_fraction: float) -> ProteinStructureDataModule:

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from provq_lightning.data.paths import REPO_ROOT
 from tests.helpers import effective_config, provq_fit, run_files
-from tests.protein.helpers import EDGE, PROTEINS, TINY
+from tests.protein.helpers import EDGE, PROTEINS, TINY, drop_train_sources
 
 TRAIN_FILES = ("1aki.pdb", "1k6p.pdb", "3o5r.cif")
 NEW_FILES = ("1a04A02.pdb", "1fseB00.pdb")  # CATH domains the model never saw
@@ -45,6 +45,7 @@ def trained(tmp_path_factory, proteins_dir) -> tuple[Path, Path]:
         val_fraction=0.3,
         batch_size=2,
     )
+    drop_train_sources(cfg)
     config = out / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg))
     provq_fit("--config", str(config))
