@@ -14,9 +14,10 @@ protein_seed_dirs = $(subst $(protein_space),$(protein_comma),$(strip \
 protein-prep: $(STAMP)
 	$(BIN)/provq-prep-structures $(PROTEIN_DATA) --cache-dir runs/cache/proteins_sample
 
-# proteins_sample ProVQ and vanilla VQ on the shared set over PROTEIN_SEEDS (each seed's two runs
-# side by side, one torch thread each), the no-training floor (k-means of CA (theta, tau) at the
-# same K, decoded by NeRF; one k-means seed per seed), then the table (mean ± sd over the seeds,
+# proteins_sample ProVQ and vanilla VQ on the shared set over PROTEIN_SEEDS (the sweep file
+# experiments/sweeps/proteins_sample.yaml run locally: each seed's two runs side by side, one
+# torch thread each, logs beside the run directories), the no-training floor (k-means of CA
+# (theta, tau) at the same K, decoded by NeRF; one k-means seed per seed), then the table (mean ± sd over the seeds,
 # also in $(PROTEIN_RUNS)/proteins_sample_table.md) and the learning curves
 # ($(PROTEIN_RUNS)/proteins_sample_curve.png). `make protein-probe` and
 # `make protein-transfer` read the same runs.
@@ -29,19 +30,8 @@ protein-sample: $(STAMP)
 		OMP_NUM_THREADS=1 $(BIN)/python -m provq_lightning.protein.floor --config $(PROTEIN_CONFIG) \
 			--seed $$seed --out $(PROTEIN_RUNS)/proteins_sample_floor/seed_$$seed || exit 1; \
 	done
-	for seed in $(PROTEIN_SEEDS); do \
-		pids=; \
-		for variant in provq vanilla; do \
-			config=experiments/proteins_sample$$( [ $$variant = vanilla ] && echo _vanilla ).yaml; \
-			OMP_NUM_THREADS=1 $(BIN)/provq-fit --config $$config \
-				--trainer.logger.init_args.save_dir $(PROTEIN_RUNS) \
-				--trainer.logger.init_args.version seed_$$seed --trainer.enable_progress_bar false \
-				--seed_everything $$seed \
-				> $(PROTEIN_RUNS)/proteins_sample_$${variant}_seed_$$seed.log 2>&1 & pids="$$pids $$!"; \
-		done; \
-		for pid in $$pids; do wait $$pid || { echo "protein-sample: a run of seed $$seed failed:" \
-			"see $(PROTEIN_RUNS)/proteins_sample_*_seed_$$seed.log"; exit 1; }; done; \
-	done
+	$(BIN)/provq-sweep run experiments/sweeps/proteins_sample.yaml --out $(PROTEIN_RUNS) --jobs 2 \
+		--restart --levels seed=$(subst $(protein_space),$(protein_comma),$(strip $(PROTEIN_SEEDS)))
 	$(BIN)/python -m provq_lightning.protein.report \
 		ProVQ=$(call protein_seed_dirs,proteins_sample_provq) \
 		vanilla=$(call protein_seed_dirs,proteins_sample_vanilla) \

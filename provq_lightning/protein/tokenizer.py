@@ -282,14 +282,11 @@ class ProteinTokenizer(VQTokenizer):
         for k, v in values.items():
             self.log(f"{prefix}/{k}", v, batch_size=b, sync_dist=True)
 
-    def _pictures_due(self) -> bool:
-        return self.hparams.num_log_structures > 0 and self.figures_due()
-
     def _keep_picture_chains(self, batch: dict, pred: torch.Tensor) -> None:
         """Keep the first ``num_log_structures`` validation chains (the loader does not
         shuffle, so these are the same chains at every validation), full residues only."""
         wanted = self.hparams.num_log_structures - len(self._picture_chains)
-        if wanted <= 0 or not self._pictures_due():
+        if wanted <= 0 or not self.figures_due(count=self.hparams.num_log_structures):
             return
         mask = batch["residue_mask"]
         for i, name in enumerate(batch["ids"]):
