@@ -26,7 +26,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import yaml
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
@@ -92,10 +91,10 @@ def evaluate(batches: Iterable[dict], centres: torch.Tensor, prefix: str) -> dic
 
 
 def _datamodule(config: Path, crop_length: int | None, keep_crop: bool) -> LightningDataModule:
-    from provq_lightning.runs.loading import instantiate
+    from provq_lightning.runs.loading import instantiate, read_config
 
     try:
-        cfg = yaml.safe_load(config.read_text())
+        cfg = read_config(config)  # a variant brings its base's data and model
     except OSError as err:
         raise ProvqError(f"config {config} unreadable ({err.strerror}); pass a provq-fit "
                          "config with a data section") from None

@@ -30,6 +30,24 @@ def find_config(ckpt: Path) -> Path:
     )
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A config file composed as provq-fit reads it, for tools that need its sections: a
+    ``config:`` key names a base file (relative to this one) whose sections this file's keys
+    replace; a dotted key (``trainer.logger.init_args.name``) sets one value inside them."""
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise ProvqError(f"config {path} is not a YAML mapping; pass a provq-fit config")
+    base = cfg.pop("config", None)
+    merged = read_config(path.parent / base) if isinstance(base, str) else {}
+    for key, value in cfg.items():
+        *parents, leaf = key.split(".")
+        target = merged
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return merged
+
+
 def instantiate(config: dict[str, Any], key: str, base: type) -> Any:
     """A ``class_path``/``init_args`` section built through jsonargparse, like provq-fit does."""
     from jsonargparse import ArgumentParser

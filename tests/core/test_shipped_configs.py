@@ -84,3 +84,25 @@ def test_provq_fit_refuses_an_unknown_config_in_one_line(capsys):
     assert code == 1
     assert err.startswith("provq-fit: error: --config topodisc_prvq: no such file in ")
     assert err.count("\n") == 1 and "topodisc_provq" in err
+
+
+@pytest.mark.parametrize("name", ["proteins_sample", "topodisc_provq", "cath_aminoaseed_provq"])
+def test_read_config_composes_a_variant_as_provq_fit_does(name, capsys):
+    # Tools that read a config's sections (the protein floor) see what provq-fit sees.
+    import yaml
+
+    from provq_lightning.runs.loading import read_config
+    from tests.helpers import cli_in_process
+
+    path = REPO / "experiments" / f"{name}.yaml"
+    code, out, _ = cli_in_process(capsys, "--config", str(path), "--print_config")
+    printed = yaml.safe_load(out)
+    composed = read_config(path)
+    assert code == 0
+    for section in ("model", "data"):  # what the file sets, as provq-fit parsed it
+        assert composed[section]["class_path"] == printed[section]["class_path"], section
+        wanted = composed[section].get("init_args", {})
+        got = {k: printed[section]["init_args"][k] for k in wanted}
+        assert wanted == got, section
+    logged = printed["trainer"]["logger"]["init_args"]["name"]
+    assert composed["trainer"]["logger"]["init_args"]["name"] == logged
