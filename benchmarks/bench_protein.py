@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from provq_lightning.data.paths import shared_data_dir  # noqa: E402
-from provq_lightning.datamodules.proteins import CachedStructures, collate_structures  # noqa: E402
+from provq_lightning.datamodules.proteins import CachedStructures  # noqa: E402
+from provq_lightning.protein.batching import collate_structures  # noqa: E402
 from provq_lightning.protein.cache import discover, prepare_cache  # noqa: E402
 from provq_lightning.protein.parsing import StructureSkip, parse_structure, read_atoms  # noqa: E402
 from provq_lightning.protein.tokenizer import ProteinTokenizer  # noqa: E402

@@ -29,8 +29,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from provq_lightning.datamodules.proteins import collate_structures
 from provq_lightning.errors import ProvqError
+from provq_lightning.protein.batching import collate_structures
 from provq_lightning.protein.internal import ca_internal, nerf_ca, place_n_c
 from provq_lightning.protein.internal_decoder import MEAN_N_C_OFFSETS
 from provq_lightning.protein.tokenizer import structure_metrics

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from provq_lightning.data.paths import REPO_ROOT, shared_data_dir
-from provq_lightning.datamodules.proteins import ProteinStructureDataModule, collate_structures
+from provq_lightning.datamodules.proteins import ProteinStructureDataModule
+from provq_lightning.protein.batching import collate_structures
 from provq_lightning.protein.parsing import parse_structure
 from tests.helpers import effective_config, provq_fit
 

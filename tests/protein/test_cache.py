@@ -10,13 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from provq_lightning.datamodules.proteins import (
-    CachedStructures,
-    ProteinStructureDataModule,
-    collate_structures,
-)
+from provq_lightning.datamodules.proteins import CachedStructures, ProteinStructureDataModule
 from provq_lightning.errors import ProvqError
 from provq_lightning.protein import cache as cache_mod
+from provq_lightning.protein.batching import collate_structures
 from provq_lightning.protein.cache import (
     assign_splits,
     load_manifest,

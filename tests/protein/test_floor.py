@@ -11,11 +11,12 @@ import yaml
 from provq_lightning.data.paths import REPO_ROOT
 from provq_lightning.protein import floor
 from provq_lightning.protein.report import main as report_main
+from provq_lightning.runs.loading import read_config
 from tests.protein.helpers import EDGE, chain_batch, need_shared_data
 
 
 def _config(tmp_path, **data) -> str:
-    cfg = yaml.safe_load((REPO_ROOT / "experiments" / "proteins_sample.yaml").read_text())
+    cfg = read_config(REPO_ROOT / "experiments" / "proteins_sample.yaml")  # with its base
     cfg["data"]["init_args"].update(
         sources=str(need_shared_data() / "cath_domains"), cache_dir=str(tmp_path / "cache"),
         train_sources=str(EDGE), train_holdout=0.3, crop_length=64, **data)
