@@ -206,7 +206,7 @@ class ProteinTokenizer(VQTokenizer):
                 "tau": angular_loss(out.tau.float(), tau, tau_ok),
                 "offsets": (err * w).sum() / w.sum().clamp_min(1.0),
             }
-            if hp.get("local_distance_weight", 0.0) > 0:
+            if hp.local_distance_weight > 0:
                 losses["local_distance"] = windowed_ca_distance_loss(
                     out.backbone[:, :, 1].float(), true[:, :, 1], mask,
                     hp.local_distance_window,
@@ -215,7 +215,7 @@ class ProteinTokenizer(VQTokenizer):
 
     def reconstruction_losses(self, batch: dict, out) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        if hp.get("decoder_head", "frames") == "internal":
+        if hp.decoder_head == "internal":
             return self.internal_losses(batch, out)
         true = batch["coords"][:, :, :3].float()
         pred = out.backbone.float()
@@ -245,10 +245,10 @@ class ProteinTokenizer(VQTokenizer):
             "distance": hp.distance_weight,
             "direction": hp.direction_weight,
             "distogram": hp.distogram_weight,
-            "theta": hp.get("angle_weight", 1.0),
-            "tau": hp.get("angle_weight", 1.0),
-            "offsets": hp.get("offset_weight", 0.1),
-            "local_distance": hp.get("local_distance_weight", 0.0),
+            "theta": hp.angle_weight,
+            "tau": hp.angle_weight,
+            "offsets": hp.offset_weight,
+            "local_distance": hp.local_distance_weight,
         }
         recon = sum(weights[k] * v for k, v in losses.items())
         return q, out, losses, recon
@@ -330,7 +330,7 @@ class ProteinTokenizer(VQTokenizer):
             ],
             lr=hp.lr,
         )
-        decay_to = hp.get("lr_decay_to", 1.0)
+        decay_to = hp.lr_decay_to
         if hp.lr_warmup_steps <= 0 and decay_to >= 1.0:
             return opt
         warm = max(hp.lr_warmup_steps, 1)

@@ -128,7 +128,7 @@ def fit(tmp: Path, leg: str, world_size: int, *extra: str, signal_at: tuple | No
 
 def final_state(run_dir: Path) -> dict:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     return {
         "codebook": state["state_dict"]["quantizer.embedding.weight"],
         "global_step": state["global_step"],
@@ -176,7 +176,7 @@ def test_preemption_signal_saves_at_step_boundary_and_resume_matches(
     assert [r["step"] for r in pre["train"]] == list(range(step + 1 + (not validated)))
     assert f"{SAVED}{last} at step {step + 1}" in logs, logs[-3000:]
     assert not list(run_dir.rglob("hpc_ckpt_*")) and not list(run_dir.rglob("last-v*"))
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step + 1
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step + 1
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics.get("status") == "interrupted"
 

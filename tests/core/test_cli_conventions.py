@@ -196,7 +196,7 @@ def test_old_run_config_with_the_curriculum_in_trainer_callbacks_still_resumes(
     assert code == 0, err[-2000:]
     (moved,) = [line for line in caplog.messages if "trainer.callbacks" in line]
     assert "config.yaml" in moved and "curriculum:" in moved
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 12
     state = next(v for k, v in ckpt["callbacks"].items() if "CurriculumCallback" in k)
     assert state["seeded_at_step"] == 5 and state["settings"]["warmup_steps"] == 5
@@ -268,7 +268,7 @@ def test_command_line_curriculum_and_optimizer_drive_the_fit(topodisc_run):
     config = yaml.safe_load((topodisc_run / "config.yaml").read_text())
     args = config["curriculum"]
     assert (args["warmup_steps"], args["transition_steps"]) == (5, 5)
-    ckpt = torch.load(topodisc_run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(topodisc_run / "checkpoints" / "last.ckpt", weights_only=True)
     state = next(v for k, v in ckpt["callbacks"].items() if "CurriculumCallback" in k)
     assert state["seeded"] and state["seeded_at_step"] == 5  # k-means ran at the new boundary
     (group,) = ckpt["optimizer_states"][0]["param_groups"]

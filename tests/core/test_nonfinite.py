@@ -99,10 +99,10 @@ def test_diverging_topodisc_fit_stops_at_the_first_nan_naming_the_term(tmp_path)
     saved = sorted((run / "checkpoints").glob("*.ckpt"))
     assert saved, "a checkpoint per step up to the NaN step"
     for path in saved:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         assert _nonfinite_tensors(checkpoint) == [], path.name
         assert checkpoint["global_step"] <= first_nan
-    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert f"last.ckpt (step {last['global_step']})" in line
 
     metrics = json.loads((run / "metrics.json").read_text())
@@ -224,7 +224,7 @@ def test_checkpoint_with_nan_weights_is_refused_and_the_last_finite_one_kept(tmp
         "check the data, then resume from it or start over (NonFiniteGuard enabled: false "
         "turns this check off)"
     )
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 3 and _nonfinite_tensors(checkpoint) == []
 
 

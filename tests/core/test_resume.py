@@ -100,7 +100,7 @@ def metric_diff(got: dict[str, float], want: dict[str, float]) -> float:
 
 def final_state(run_dir: Path) -> dict:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     (key,) = [k for k in state["callbacks"] if "CurriculumCallback" in k]
     return state["callbacks"][key] | {
         "codebook": state["state_dict"]["quantizer.embedding.weight"],

@@ -36,7 +36,7 @@ def provq_fit(cwd: Path, *args: str, wait: bool = True):
 
 
 def last_step(run_dir: Path) -> int:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return int(ckpt["global_step"])
 
 
@@ -109,7 +109,7 @@ def test_changed_settings_on_resume_are_applied_or_refused_and_the_config_kept(t
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "lr 0.001 -> 0.0005" in proc.stdout + proc.stderr
-    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 35  # a multiple of the new interval
     assert state["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0005
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # no -v1

@@ -105,4 +105,4 @@ def test_installed_wheel_fits_a_shipped_config_by_name_outside_the_checkout(whee
         cwd=work, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     last = work / "runs" / "topodisc_provq" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 20
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 20

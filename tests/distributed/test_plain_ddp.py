@@ -51,7 +51,7 @@ def fit_plain_ddp(config: dict, tmp: Path) -> dict:
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     ckpt = next(tmp.rglob("last.ckpt"))
-    return torch.load(ckpt, map_location="cpu", weights_only=False)
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
 
 
 def base_trainer(config: dict, tmp: Path, steps: int) -> dict:

@@ -24,7 +24,7 @@ def test_objects_built_before_the_process_group_still_sync(tmp_path):
     for proc in procs:
         proc.start()
     assert launch.join(procs, timeout=120) == [0, 0]
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
     # What a single process sees over both ranks' data.
     all_ids = torch.tensor(collectives.IDS[0] + collectives.IDS[1])

@@ -175,7 +175,7 @@ def broken_checkpoint(kind: str, good: Path, folder: Path) -> Path:
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "truncated old format":  # torch < 1.6 wrote a bare pickle stream
-        torch.save(torch.load(good, weights_only=False), path,
+        torch.save(torch.load(good, weights_only=True), path,
                    _use_new_zipfile_serialization=False)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:  # a save killed half-way
