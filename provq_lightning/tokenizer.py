@@ -190,6 +190,10 @@ class VQTokenizer(LightningModule):
     def log_train(self, values: dict[str, torch.Tensor], batch_size: int) -> None:
         """Per-step training scalars, on the steps Lightning logs."""
         if self.should_log_step():
+            revival = self.quantizer.revival
+            if revival is not None:
+                # Cumulative, so a curve shows when codes died and were moved.
+                values = {**values, "train/revived_codes": revival.revived_total.float()}
             self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
 
     @contextmanager

@@ -93,6 +93,8 @@ class ProteinTokenizer(VQTokenizer):
         angle_skip: with the local encoder and the internal head: the residue's own angles,
             times this scale, are 4 of the code's dimensions, and the decoder predicts a
             correction to the angles its code holds (0: off).
+        dead_code_threshold: revive codes used less than this fraction of the mean (see
+            ``vq.revival``; 0: off, the default, as in StructTokenBench).
     """
 
     # Registered by VQTokenizer.__init__, ahead of the quantizer.
@@ -136,6 +138,7 @@ class ProteinTokenizer(VQTokenizer):
         local_distance_window: int = 8,
         lr_decay_to: float = 1.0,
         angle_skip: float = 0.0,
+        dead_code_threshold: float = 0.0,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -165,6 +168,7 @@ class ProteinTokenizer(VQTokenizer):
             linear_codebook=aminoaseed,
             freeze_base_codebook=aminoaseed,
             init=codebook_init,
+            dead_code_threshold=dead_code_threshold,
         )
         if decoder_head == "frames":
             decoder = StructureDecoder(

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from provq_lightning.vq.revival import CodeRevival
 from provq_lightning.vq.search import DEFAULT_MAX_CHUNK_BYTES, nearest_code
 
 
@@ -50,6 +51,9 @@ class VectorQuantizer(nn.Module):
         freeze_base_codebook: with ``linear_codebook``, keep ``C`` fixed and learn only the map.
         init: ``"uniform"`` (+-1/K, the VQ-VAE/LlamaGen default) or ``"normal"`` (unit Gaussian).
         max_chunk_bytes: memory bound of one distance block during the search.
+        dead_code_threshold: > 0 revives, at each training step that quantizes, codes whose use
+            average is below this fraction of the mean (see ``vq.revival``); 0: off.
+        dead_code_decay: decay of that use average per step.
     """
 
     def __init__(
@@ -62,6 +66,8 @@ class VectorQuantizer(nn.Module):
         freeze_base_codebook: bool = False,
         init: str = "uniform",
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        dead_code_threshold: float = 0.0,
+        dead_code_decay: float = 0.99,
     ) -> None:
         super().__init__()
         if num_codes < 1 or code_dim < 1:
@@ -70,6 +76,11 @@ class VectorQuantizer(nn.Module):
             )
         if freeze_base_codebook and not linear_codebook:
             raise ValueError("freeze_base_codebook=True needs linear_codebook=True")
+        if dead_code_threshold and linear_codebook:
+            # A revived code is written as a latent; Linear(C) would need the map's inverse.
+            raise ValueError(
+                "dead_code_threshold needs a plain codebook; set it to 0 with linear_codebook"
+            )
         self.num_codes = num_codes
         self.code_dim = code_dim
         self.beta = beta
@@ -85,6 +96,12 @@ class VectorQuantizer(nn.Module):
         self.projection = nn.Linear(code_dim, code_dim) if linear_codebook else None
         if freeze_base_codebook:
             self.embedding.weight.requires_grad_(False)
+        # Registered only when on, so checkpoints of codebooks without revival load unchanged.
+        self.revival = (
+            CodeRevival(num_codes, dead_code_threshold, dead_code_decay)
+            if dead_code_threshold > 0
+            else None
+        )
 
     def codebook(self) -> torch.Tensor:
         """The effective codes (K x D) that inputs are compared with."""
@@ -111,6 +128,8 @@ class VectorQuantizer(nn.Module):
             # Identity map, so Linear(C) = C right after seeding.
             self.projection.weight.copy_(torch.eye(self.code_dim))
             self.projection.bias.zero_()
+        if self.revival is not None:
+            self.revival.reset()
 
     def prepare(self, z: torch.Tensor) -> torch.Tensor:
         """The latent as the quantizer sees it (normalised when ``l2_normalize``)."""
@@ -141,6 +160,13 @@ class VectorQuantizer(nn.Module):
         flat = z.reshape(-1, self.code_dim)
         indices = nearest_code(flat, codes, self.max_chunk_bytes).view(z.shape[:-1])
         z_q = F.embedding(indices, codes).to(z.dtype)
+        if self.training and self.revival is not None:
+            real = mask.reshape(-1).bool() if mask is not None else slice(None)
+            # .data: the move happens after this step's assignment and is not differentiated.
+            self.revival.step(
+                flat.detach()[real], indices.reshape(-1)[real], codes.detach(),
+                self.embedding.weight.data,
+            )
         codebook_loss = _masked_mse(z.detach(), z_q, mask)
         commit_loss = _masked_mse(z, z_q.detach(), mask)
         z_q_st = z + (z_q - z).detach()
