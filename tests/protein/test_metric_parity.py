@@ -1,6 +1,9 @@
 """provq's batched structure metrics equal biotite's on real structures: backbone RMSD after
-superposition (``superimpose`` + ``rmsd``), CA lDDT (``lddt``) and CA TM-score (``tm_score``),
-for a structure against a perturbed copy of itself and for two different chains."""
+superposition (``superimpose`` + ``rmsd``), CA lDDT (``lddt``) and the CA TM-score of the
+least-squares superposition (``tm_score`` after ``superimpose``; ``tm_score_kabsch_ca``), for a
+structure against a perturbed copy of itself and for two different chains. The standard
+TM-score (``tm_score_ca``, its own superposition search) is checked against TM-align in
+``test_tm_score.py``; here it is only held at or above the least-squares value."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from provq_lightning.protein.metrics import (
     backbone_rmsd,
     lddt_ca,
     tm_score_ca,
+    tm_score_kabsch_ca,
 )
 from tests.protein.helpers import need_shared_data
 
@@ -115,20 +119,27 @@ def test_rmsd_lddt_tm_score_match_biotite_per_structure_in_one_padded_batch(pair
     ours = {
         "rmsd": backbone_rmsd(pred, true, mask),
         "lddt": lddt_ca(pred[:, :, 1], true[:, :, 1], mask),
-        "tm": tm_score_ca(pred[:, :, 1], true[:, :, 1], mask),
+        "tm": tm_score_kabsch_ca(pred[:, :, 1], true[:, :, 1], mask),
     }
+    standard = tm_score_ca(pred[:, :, 1], true[:, :, 1], mask)
     for i, (name, _, _) in enumerate(pairs):
         want = expected[i]
         assert ours["rmsd"][i].item() == pytest.approx(want["rmsd"], abs=1e-4), name
         assert ours["lddt"][i].item() == pytest.approx(want["lddt"], abs=1e-6), name
         assert ours["tm"][i].item() == pytest.approx(want["tm"], abs=1e-5), name
+        assert standard[i].item() >= want["tm"] - 1e-5, name
     # The pairs span the range: near-identical to unrelated folds.
     tms = [e["tm"] for e in expected]
     assert max(tms) > 0.8 and min(tms) < 0.4
 
 
-def test_metric_objects_average_the_biotite_values_over_structures(pairs):
+def test_metric_objects_average_the_per_structure_values_over_structures(pairs):
+    """RMSD and lDDT average biotite's values, TMScore the standard TM-score's."""
     expected = [biotite_metrics(pred, true) for _, pred, true in pairs]
+    for e, (_, p, t) in zip(expected, pairs, strict=True):
+        pred, mask = pad_batch([p])
+        true, _ = pad_batch([t])
+        e["tm"] = tm_score_ca(pred[:, :, 1], true[:, :, 1], mask).item()
     metrics = {"rmsd": BackboneRMSD(), "lddt": CALDDT(), "tm": TMScore()}
     for _, p, t in pairs:  # one structure per update, as uneven batches would come
         pred, mask = pad_batch([p])
