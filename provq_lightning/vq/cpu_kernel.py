@@ -9,9 +9,9 @@ it, then loaded from a cache: ``$PROVQ_KERNEL_CACHE`` or ``$XDG_CACHE_HOME/provq
 (``~/.cache/provq/kernels``).
 
 When it is used: only for searches of at least ``MIN_PAIRS`` rows x codes. Below that it saves
-under about 1 ms a call (``python benchmarks/bench_quantizer.py --small``), so a 30 s build
-would take tens of thousands of calls to pay back; such problems (TopoDisc: 675 x 32) keep the
-torch search and never trigger a build.
+at most about 0.4 ms a call (``python benchmarks/bench_quantizer.py --small``), so a 30 s build
+would take some 80,000 calls to pay back; such problems (TopoDisc: 675 x 32) keep the torch
+search and never trigger a build.
 
 Reliability rules:
 * the cached file's name hashes the source, the compile flags, torch's and Python's versions
@@ -73,11 +73,12 @@ EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 STALE_BUILD_SECONDS = 3600
 RETRY_FAILED_BUILD_SECONDS = 24 * 3600
 CACHE_LAYOUT = "recorded-1"  # a cached file comes with <name>.sha256 (size and sha256)
-# Rows x codes of the smallest search that uses the kernel. Below it the kernel saves under
-# about 1 ms a call (0.1-0.7 ms at 8k-131k pairs, 1-1.5 ms at 524k; `bench_quantizer.py
-# --small`), so a 30 s build pays back only after 40,000+ calls: more than the runs of such
-# sizes make (TopoDisc, 675 x 32 every step: about 1 s saved in 3000 steps).
-MIN_PAIRS = 2**18
+# Rows x codes of the smallest search that uses the kernel (`bench_quantizer.py --small`).
+# Below it the kernel saves at most about 0.4 ms a call (8k-33k pairs), so a 30 s build pays
+# back only after some 80,000 calls, more than runs of that size make (TopoDisc, 675 x 32 every
+# step: 0.2 ms a call, about 0.6 s in 3000 steps). At 2^16 pairs it saves about 1 ms a call,
+# from 2^17 pairs 0.6 ms to 10 ms.
+MIN_PAIRS = 2**16
 # How often a process that found another one building looks again for the finished kernel.
 BUSY_RECHECK_SECONDS = 10.0
 ANNOUNCE = (
