@@ -10,10 +10,13 @@ SEEDS ?= 0 1 2 3 4
 
 # constraints.txt pins the torch/torchvision pair tested on the project's machine (setup.cfg only
 # gives ranges, so a cluster's own torch build is kept when provq is installed next to it).
+# The fused CPU search kernel is compiled here (once per machine and torch version, ~30 s), so
+# no run pays for it; without a C++ compiler that is one line and provq keeps its torch search.
 $(STAMP): setup.py setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/python -m provq_lightning.vq.cpu_kernel --build || true
 	touch $@
 
 install: $(STAMP)

@@ -13,6 +13,7 @@ the same process: time and inertia ratios, both inertias computed the same way (
 assignment of each one's centres).
 
     python benchmarks/bench_quantizer.py [--device cuda] [--skip-kmeans] [--skip-scaling]
+    python benchmarks/bench_quantizer.py --small   # where the kernel is worth its build
 """
 
 from __future__ import annotations
@@ -216,6 +217,43 @@ def bench_search_scaling(args) -> list[dict]:
     return rows
 
 
+def bench_small(args) -> list[dict]:
+    """Per-call time of small searches with and without the fused kernel: where it gains too
+    little to be worth its one-time build (``cpu_kernel.MIN_PAIRS``)."""
+    from provq_lightning.vq import cpu_kernel
+    from provq_lightning.vq.search import nearest_code
+
+    if cpu_kernel.kernel() is None:
+        raise SystemExit("the fused CPU kernel could not be built here; nothing to compare")
+    build_seconds = 30.0
+    grid = [(675, 32, 2)]  # TopoDisc: its whole training set against 32 codes, every step
+    grid += [(n, k, args.d) for k in (32, 128, 512, 2048) for n in (256, 1024, 2048, 4096, 16384)]
+    threshold, rows = cpu_kernel.MIN_PAIRS, []
+    cpu_kernel.MIN_PAIRS = 0  # the kernel at every size, to measure it
+    try:
+        for n, k, d in grid:
+            g = torch.Generator().manual_seed(0)
+            z = 3.0 + torch.randn(n, d, generator=g)
+            codes = 3.0 + torch.randn(k, d, generator=g)
+            repeats = max(args.repeats_faiss, min(300, 20_000_000 // (n * k)))
+            med = median_times({"kernel": lambda z=z, c=codes: nearest_code(z, c),
+                                "torch": without_kernel(lambda z=z, c=codes: nearest_code(z, c))},
+                               repeats, torch.device("cpu"))
+            rows.append({"n": n, "k": k, "d": d, **med})
+    finally:
+        cpu_kernel.MIN_PAIRS = threshold
+    print(f"\nSmall searches (nearest_code), per call, median of alternating runs, torch "
+          f"{torch.get_num_threads()} threads; MIN_PAIRS = {threshold} rows x codes")
+    print(f"{'N':>6}{'K':>6}{'D':>4}{'N x K':>10}{'kernel us':>11}{'torch us':>10}{'saved us':>10}"
+          f"{'calls to repay a 30 s build':>29}")
+    for r in rows:
+        saved = r["torch"] - r["kernel"]
+        repay = f"{build_seconds / saved:,.0f}" if saved > 0 else "never"
+        print(f"{r['n']:>6}{r['k']:>6}{r['d']:>4}{r['n'] * r['k']:>10}{1e6 * r['kernel']:>11.0f}"
+              f"{1e6 * r['torch']:>10.0f}{1e6 * saved:>10.0f}{repay:>29}")
+    return rows
+
+
 def clustered(n: int, d: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # A clustered, anisotropic cloud, like encoder outputs after warmup.
@@ -346,9 +384,14 @@ def main() -> None:
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--threads-only", action="store_true",
                         help="only the thread-scaling table (1 thread and every core)")
+    parser.add_argument("--small", action="store_true",
+                        help="only the small-search table behind cpu_kernel.MIN_PAIRS")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.n, args.k, args.d, args.device, args.repeats)))
+        return
+    if args.small:
+        bench_small(args)
         return
     if args.threads_only:
         bench_threads(args)
@@ -361,6 +404,8 @@ def main() -> None:
         bench_kmeans(args, 131072, 4096)
         bench_kmeans(args, 262144, 16384)
     bench_threads(args)
+    if args.device == "cpu":
+        bench_small(args)
 
 
 if __name__ == "__main__":

@@ -2,36 +2,51 @@
 
 provq's exact search on CPU tensors otherwise runs an sgemm that writes every score block and a
 second pass that reads it back; the fused kernel keeps the best and runner-up scores in
-registers instead, about 2x faster (benchmarks/README.md). It is built on first use with the
-C++ compiler torch's extension builder finds (about 30 s), then loaded from a cache:
-``$PROVQ_KERNEL_CACHE`` or ``$XDG_CACHE_HOME/provq/kernels`` (``~/.cache/provq/kernels``).
+registers instead, about 2x faster (benchmarks/README.md). It is compiled with the C++ compiler
+torch's extension builder finds (about 30 s; minutes on a busy machine) by ``make install``
+(``python -m provq_lightning.vq.cpu_kernel --build``), or else by the first search that needs
+it, then loaded from a cache: ``$PROVQ_KERNEL_CACHE`` or ``$XDG_CACHE_HOME/provq/kernels``
+(``~/.cache/provq/kernels``).
+
+When it is used: only for searches of at least ``MIN_PAIRS`` rows x codes. Below that it saves
+at most about 0.4 ms a call (``python benchmarks/bench_quantizer.py --small``), so a 30 s build
+would take some 80,000 calls to pay back; such problems (TopoDisc: 675 x 32) keep the torch
+search and never trigger a build.
 
 Reliability rules:
 * the cached file's name hashes the source, the compile flags, torch's and Python's versions
   and the CPU's instruction-set flags: ``-march=native`` code built on one node type is never
   loaded on another (a shared home directory on a mixed cluster would otherwise crash with
   SIGILL);
-* every process builds in its own temporary folder and moves the result into the cache
-  atomically, so a run killed mid-build leaves no lock or half-written file behind (its
-  folder is removed by the next build, an hour later or more);
+* one build per machine: the builder holds ``<name>.lock`` (``flock``) in the cache. A process
+  that finds the lock held does not wait: it keeps the torch search and looks again every
+  ``BUSY_RECHECK_SECONDS``, loading the kernel once the build is done (the search is exact
+  either way, so nothing but speed changes). Only the builder announces the build, in one
+  line. The lock dies with its process, so a killed build never blocks the next one;
+* the builder compiles in its own temporary folder and moves the result into the cache
+  atomically, so no process ever sees a half-written file (a killed build's folder is removed
+  by a later build, an hour later or more);
 * the build records the file's size and sha256 beside it (``<name>.sha256``); a cached file
   that does not match (cut short by a copy or sync of the home directory, replaced, or from
   before the record existed) is rebuilt instead of loaded: loading a truncated shared object
   kills the process with SIGBUS, which no ``except`` can catch;
 * after loading, the kernel must agree with an fp64 argmin on a small problem with ties;
 * any failure (no compiler, a failed build or self-check) logs one warning and provq keeps its
-  torch search; a failure is noted next to the cache entry (``<name>.failed``), so other
-  processes do not repeat a failing build for a day; a build interrupted by a signal
-  (Ctrl-C, ``scancel``) is not a failure and is simply retried by the next process. No C++
-  compiler is one line saying how to point at one. ``PROVQ_CPU_KERNEL=0`` turns the kernel off.
+  torch search; torch's builder's own messages (banners, compiler checks) are kept off the
+  console. A failure is noted next to the cache entry (``<name>.failed``), so other processes
+  do not repeat a failing build for a day; a build interrupted by a signal (Ctrl-C,
+  ``scancel``) is not a failure and is simply retried by the next process. No C++ compiler is
+  one line saying how to point at one. ``PROVQ_CPU_KERNEL=0`` turns the kernel off.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
+import io
 import logging
 import os
 import platform
@@ -40,9 +55,11 @@ import sys
 import sysconfig
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -56,13 +73,30 @@ EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 STALE_BUILD_SECONDS = 3600
 RETRY_FAILED_BUILD_SECONDS = 24 * 3600
 CACHE_LAYOUT = "recorded-1"  # a cached file comes with <name>.sha256 (size and sha256)
+# Rows x codes of the smallest search that uses the kernel (`bench_quantizer.py --small`).
+# Below it the kernel saves at most about 0.4 ms a call (8k-33k pairs), so a 30 s build pays
+# back only after some 80,000 calls, more than runs of that size make (TopoDisc, 675 x 32 every
+# step: 0.2 ms a call, about 0.6 s in 3000 steps). At 2^16 pairs it saves about 1 ms a call,
+# from 2^17 pairs 0.6 ms to 10 ms.
+MIN_PAIRS = 2**16
+# How often a process that found another one building looks again for the finished kernel.
+BUSY_RECHECK_SECONDS = 10.0
+ANNOUNCE = (
+    "provq: compiling the CPU search kernel once for this machine (~30 s) into {dir}; "
+    "set {switch}=0 to skip"
+)
 
-_state: dict[str, ModuleType | None] = {}
+_state: dict[str, Any] = {}
 
 
 def enabled() -> bool:
     """False when ``PROVQ_CPU_KERNEL`` is ``0``/``false``/``off``."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def pays_off(rows: int, codes: int) -> bool:
+    """Whether a search of ``rows`` x ``codes`` is large enough to use (and build) the kernel."""
+    return rows * codes >= MIN_PAIRS
 
 
 def cache_dir() -> Path:
@@ -111,6 +145,11 @@ def module_name() -> str:
     return f"provq_nearest_two_{digest.hexdigest()[:16]}"
 
 
+def cached_path() -> Path:
+    """Where this machine's kernel is cached."""
+    return cache_dir() / f"{module_name()}{EXTENSION_SUFFIX}"
+
+
 def _import_file(name: str, path: Path) -> ModuleType:
     loader = importlib.machinery.ExtensionFileLoader(name, str(path))
     spec = importlib.util.spec_from_file_location(name, path, loader=loader)
@@ -133,6 +172,39 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = previous
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_torch_builder() -> Iterator[None]:
+    """Keeps torch's extension builder off the console: its import banner ("No CUDA runtime is
+    found ..."), compiler checks and warnings go to this module's debug log instead. What
+    matters when a build fails is in the exception, which the caller reports in one line."""
+    builder_log = logging.getLogger("torch.utils.cpp_extension")
+    collect = _Collect()
+    propagate = builder_log.propagate
+    builder_log.addHandler(collect)
+    builder_log.propagate = False
+    printed = io.StringIO()
+    try:
+        with warnings.catch_warnings(record=True) as caught, \
+                contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        builder_log.removeHandler(collect)
+        builder_log.propagate = propagate
+        for line in [*collect.lines, *(str(w.message) for w in caught), printed.getvalue()]:
+            if line.strip():
+                log.debug("torch extension builder: %s", line.strip())
+
+
 def _remove_stale_builds(folder: Path) -> None:
     """Build folders of processes killed mid-build: older than any build takes, so no other
     process is still using them."""
@@ -152,6 +224,11 @@ class BuildInterrupted(RuntimeError):
 def record_path(target: Path) -> Path:
     """Where the size and sha256 of the cached file ``target`` are recorded."""
     return target.with_name(target.name.split(".")[0] + ".sha256")
+
+
+def lock_path(target: Path) -> Path:
+    """The file whose ``flock`` the builder of ``target`` holds."""
+    return target.with_name(target.name.split(".")[0] + ".lock")
 
 
 def _fingerprint(path: Path) -> str:
@@ -192,35 +269,68 @@ def _interrupted(err: BaseException) -> bool:
     return False
 
 
-def _build(name: str, target: Path) -> ModuleType:
-    from torch.utils.cpp_extension import load
+@contextlib.contextmanager
+def _build_lock(target: Path, wait: bool) -> Iterator[bool]:
+    """Holds the build lock of ``target`` inside the block and yields True; yields False at
+    once when another process holds it (unless ``wait``). Where ``flock`` is unavailable (no
+    ``fcntl``, or a file system without locks) it yields True unlocked: the atomic move still
+    keeps every reader safe, at worst two processes build."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    with open(lock_path(target), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as err:
+            log.debug("no build lock on %s (%s); building unlocked", target.parent, err)
+            yield True
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
+
+def _compile(name: str, build: Path) -> tuple[ModuleType, Path]:
+    """torch's builder on ``SOURCE`` in the folder ``build``: the module it built and loaded,
+    and the file it built (not ``module.__file__``, which names the first file loaded under
+    this name in the process)."""
+    with _quiet_torch_builder(), _ninja_on_path():
+        from torch.utils.cpp_extension import LIB_EXT, load
+
+        cflags, ldflags = compile_flags()
+        module = load(
+            name,
+            [str(SOURCE)],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(build),
+            verbose=False,
+        )
+    return module, build / f"{name}{LIB_EXT}"
+
+
+def _build(name: str, target: Path) -> ModuleType:
+    """Compiles the kernel into ``target`` (call holding the build lock)."""
     _compiler()
-    target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(target.parent)
     build = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=target.parent))
     try:
-        log.warning(
-            "provq: compiling its fused CPU search kernel once for this machine (about 30 s; "
-            "cached in %s; %s=0 skips it)", target.parent, ENV_SWITCH
-        )
+        # Straight to stderr, not through logging: a handler anywhere up the logger tree
+        # (a user's file log) would otherwise take the one line that says why a run stalls.
+        print(ANNOUNCE.format(dir=target.parent, switch=ENV_SWITCH), file=sys.stderr, flush=True)
         try:
-            with _ninja_on_path():
-                cflags, ldflags = compile_flags()
-                module = load(
-                    name,
-                    [str(SOURCE)],
-                    extra_cflags=cflags,
-                    extra_ldflags=ldflags,
-                    build_directory=str(build),
-                    verbose=False,
-                )
+            module, built = _compile(name, build)
         except Exception as err:  # Ctrl-C itself (KeyboardInterrupt) still stops the program
             if _interrupted(err):
                 reason = failure_reason(err)
                 raise BuildInterrupted(f"the build was interrupted ({reason})") from err
             raise
-        built = Path(module.__file__)
         # The record first, then the file: a reader sees no file, or a whole one it can verify.
         record = build / "record.tmp"
         record.write_text(_fingerprint(built) + "\n")
@@ -274,16 +384,36 @@ def failure_reason(err: BaseException) -> str:
     return text[:240] or type(err).__name__
 
 
-def kernel() -> ModuleType | None:
-    """The compiled kernel module, or None (switched off, or it could not be built/loaded)."""
-    if not enabled():
-        return None
-    if "module" in _state:
-        return _state["module"]
+class _Busy(Exception):
+    """Another process holds the build lock: use the torch search for now."""
+
+
+def _load_or_build(name: str, target: Path, wait: bool) -> ModuleType:
+    """The cached kernel when it is whole, else built here (holding the lock); ``_Busy`` when
+    another process is building it and ``wait`` is False."""
+    if cached_file_is_whole(target):
+        return _import_file(name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(target, wait) as held:
+        if not held:
+            raise _Busy
+        # Looked at again under the lock: the build that held it may just have finished.
+        if cached_file_is_whole(target):
+            return _import_file(name, target)
+        if target.exists():
+            log.warning(
+                "provq: the cached CPU search kernel %s does not match its build record (cut "
+                "short or replaced); rebuilding it", target
+            )
+            target.unlink(missing_ok=True)
+        return _build(name, target)
+
+
+def _resolve(wait: bool) -> ModuleType | None:
+    """The working kernel or None (failed: one warning); ``_Busy`` passes through."""
     name = module_name()
     target = cache_dir() / f"{name}{EXTENSION_SUFFIX}"
     failed = target.with_name(f"{name}.failed")
-    module = None
     try:
         if _recent_failure(failed) and not target.exists():
             # Every new process would otherwise pay for the same failing build again.
@@ -291,14 +421,11 @@ def kernel() -> ModuleType | None:
                 f"{failed.read_text().strip()} (an earlier build; retried a day later, or "
                 f"delete {failed} to retry now)"
             )
-        if target.exists() and not cached_file_is_whole(target):
-            log.warning(
-                "provq: the cached CPU search kernel %s does not match its build record (cut "
-                "short or replaced); rebuilding it", target
-            )
-            target.unlink(missing_ok=True)
-        module = _import_file(name, target) if target.exists() else _build(name, target)
+        module = _load_or_build(name, target, wait)
         _self_check(module)
+        return module
+    except _Busy:
+        raise
     except Exception as err:  # noqa: BLE001 (any failure: fall back, say why once)
         reason = failure_reason(err)
         log.warning(
@@ -309,7 +436,29 @@ def kernel() -> ModuleType | None:
         if not isinstance(err, BuildInterrupted) and not _recent_failure(failed):
             with contextlib.suppress(OSError):
                 failed.write_text(reason + "\n")
-        module = None
+        return None
+
+
+def kernel() -> ModuleType | None:
+    """The compiled kernel module, or None (switched off, being built by another process, or
+    it could not be built/loaded). Decided once per process, except while another process
+    builds it: then None, and a look again every ``BUSY_RECHECK_SECONDS``."""
+    if not enabled():
+        return None
+    if "module" in _state:
+        return _state["module"]
+    if time.monotonic() < _state.get("recheck_at", float("-inf")):
+        return None
+    try:
+        module = _resolve(wait=False)
+    except _Busy:
+        if "recheck_at" not in _state:
+            log.info(
+                "provq: another process is compiling the CPU search kernel; using the torch "
+                "search until it is ready"
+            )
+        _state["recheck_at"] = time.monotonic() + BUSY_RECHECK_SECONDS
+        return None
     _state["module"] = module
     return module
 
@@ -331,3 +480,31 @@ def nearest_two(
         return None
     index, best, second = module.nearest_two(a.contiguous(), codes_t, half_sq)
     return index, best, second
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--build``: build (or verify) this machine's kernel now, waiting for a build another
+    process is running; ``make install`` runs it so that no training run pays for the build."""
+    parser = argparse.ArgumentParser(
+        prog="python -m provq_lightning.vq.cpu_kernel",
+        description="Build provq's fused CPU search kernel for this machine (once; cached).",
+    )
+    parser.add_argument("--build", action="store_true", help="build it now unless cached")
+    args = parser.parse_args(argv)
+    if not args.build:
+        parser.print_help()
+        return 0
+    if not enabled():
+        print(f"provq: {ENV_SWITCH}=0: the CPU search kernel is switched off; not building it")
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    module = _resolve(wait=True)
+    if module is None:  # the reason is the warning just printed
+        return 1
+    _state["module"] = module
+    print(f"provq: CPU search kernel ready ({cached_path()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,10 +12,11 @@ minus a per-row constant) over the codes:
   writes them and the one reduction that reads them, to per-group minima (groups of about
   sqrt(K) consecutive codes); then, rows sorted by their best group, one small matmul per group
   gives the argmin and the runner-up inside it. No top-k over K, no N x K matrix;
-* on CPU tensors with at most ``MAX_KERNEL_DIM`` dimensions, the fused kernel of
-  ``cpu_kernel`` replaces both stages: it keeps each row's best and runner-up scores in
-  registers and never writes a score block (about 2x faster; same scores up to evaluation
-  order, which the bound below allows);
+* on CPU tensors with at most ``MAX_KERNEL_DIM`` dimensions and at least
+  ``cpu_kernel.MIN_PAIRS`` rows x codes, the fused kernel of ``cpu_kernel`` replaces both
+  stages: it keeps each row's best and runner-up scores in registers and never writes a score
+  block (about 2x faster; same scores up to evaluation order, which the bound below allows;
+  smaller searches gain too little to be worth its one-time build);
 * a row whose best and second-best fp32 scores are closer than the bound below may have been
   decided by rounding: only those rows are re-scored, against the codes within the bound of
   their best, with the direct fp64 ``sum((z - c)^2)`` of the original values.
@@ -182,10 +183,13 @@ def _fused_cpu_argmin(
     a: torch.Tensor, prepared: PreparedCodes, want_second: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """The same three results from ``cpu_kernel`` for CPU rows of up to ``MAX_KERNEL_DIM``
-    dimensions; None when it does not apply or is unavailable. Its scores are the same
-    ``fl(h_j - sum_i a_i b_ij)`` (FMA or not), so the error bound holds unchanged."""
+    dimensions in searches of at least ``cpu_kernel.MIN_PAIRS`` rows x codes; None when it does
+    not apply or is unavailable. Its scores are the same ``fl(h_j - sum_i a_i b_ij)`` (FMA or
+    not), so the error bound holds unchanged."""
     k = prepared.num_codes
     if a.device.type != "cpu" or a.shape[1] > MAX_KERNEL_DIM or a.shape[0] == 0 or k == 0:
+        return None
+    if not cpu_kernel.pays_off(a.shape[0], k):  # too small to be worth a build (TopoDisc)
         return None
     # The half norms prepare_codes already computed: the very h_j the error bound is about.
     codes_t, half_sq = cpu_kernel.pad_codes(prepared.codes[:k], prepared.half_sq[:k, 0])

@@ -17,6 +17,12 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def every_size(monkeypatch):
+    """The kernel for searches of any size (normally only from ``MIN_PAIRS`` rows x codes)."""
+    monkeypatch.setattr(cpu_kernel, "MIN_PAIRS", 0)
+
+
 def both_paths(a: torch.Tensor, prepared: PreparedCodes, monkeypatch):
     fused = blocked_argmin(a, prepared, rows=64, want_second=True)
     with monkeypatch.context() as m:
@@ -26,6 +32,7 @@ def both_paths(a: torch.Tensor, prepared: PreparedCodes, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.usefixtures("every_size")
 @pytest.mark.parametrize(("n", "k", "d"), [(1, 1, 1), (13, 37, 3), (1001, 300, 8), (77, 513, 32)])
 def test_kernel_scores_equal_the_torch_blocks(n, k, d, monkeypatch):
     # Odd N (rows left over from the 8-row steps) and K (padding inside the last 16 codes).
@@ -44,6 +51,7 @@ def test_kernel_scores_equal_the_torch_blocks(n, k, d, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.usefixtures("every_size")
 def test_kernel_handles_nan_rows_and_exact_ties():
     codes = torch.randn(40, 8)
     codes[33] = codes[5]
@@ -55,6 +63,7 @@ def test_kernel_handles_nan_rows_and_exact_ties():
 
 
 @needs_kernel
+@pytest.mark.usefixtures("every_size")
 def test_codes_do_not_depend_on_the_thread_count():
     # The kernel runs its row blocks on torch's threads; each row's answer is its own.
     g = torch.Generator().manual_seed(7)
@@ -118,8 +127,9 @@ def test_failed_build_falls_back_with_one_warning_and_leaves_no_files(
     assert len(unavailable) == 1
     assert "command not found" in unavailable[0].getMessage()
     assert "PROVQ_CPU_KERNEL=0" in unavailable[0].getMessage()
-    # The temporary build folder is gone; only the note of the failure stays.
-    (marker,) = fresh_state.iterdir()
+    # The temporary build folder is gone; only the note of the failure (and the empty, unheld
+    # build lock) stays.
+    (marker,) = [p for p in fresh_state.iterdir() if p.suffix != ".lock"]
     assert marker.name == f"{cpu_kernel.module_name()}.failed"
     assert "command not found" in marker.read_text()
     # The search itself still answers, on the torch path.
@@ -310,3 +320,201 @@ def test_a_truncated_cached_kernel_does_not_kill_the_run(built_kernel, tmp_path)
     assert lines[0] == "rebuilt" and target.read_bytes() == data
     plain = run(**{cpu_kernel.ENV_SWITCH: "0"})
     assert plain.returncode == 0 and plain.stdout.split() == lines[1:]
+
+
+def _stand_in_compiler(data: bytes, builds: list):
+    """Replaces only the compiler: writes the real kernel's bytes where torch's builder would
+    and loads them, so the lock, the announcement, the record and the move are the real ones."""
+    def compile_(name, build):
+        builds.append(name)
+        path = build / f"{name}{cpu_kernel.EXTENSION_SUFFIX}"
+        path.write_bytes(data)
+        return cpu_kernel._import_file(name, path), path
+    return compile_
+
+
+def _announcements(text: str) -> int:
+    return text.count("provq: compiling the CPU search kernel once for this machine")
+
+
+def test_topodisc_sized_searches_never_build_the_kernel(fresh_state, monkeypatch):
+    from provq_lightning.datamodules.topodisc import make_topodisc
+    from provq_lightning.vq.kmeans import kmeans
+    from provq_lightning.vq.search import nearest_code
+
+    builds = []
+    monkeypatch.setattr(cpu_kernel, "_build", lambda name, target: builds.append(name))
+    points, _ = make_topodisc()  # TopoDisc's whole training batch (2-D latents, 32 codes)
+    codes = points[:32] + 0.01
+    expected = torch.cdist(points.double(), codes.double()).argmin(dim=1)
+    assert torch.equal(nearest_code(points, codes), expected)
+    kmeans(points[: 16 * 32], 32, iters=3, seed=0)  # its k-means seeding: 16 x K vectors
+    assert builds == [] and not any(fresh_state.iterdir())  # the cache was never touched
+    # The first search of MIN_PAIRS rows x codes asks for the kernel.
+    big = torch.randn(cpu_kernel.MIN_PAIRS // 32, 2)
+    nearest_code(big, codes)
+    assert len(builds) == 1
+
+
+def test_a_build_is_announced_once_and_later_processes_load_it(
+    built_kernel, fresh_state, monkeypatch, caplog, capsys
+):
+    _, data = built_kernel
+    builds = []
+    monkeypatch.setattr(cpu_kernel, "_compile", _stand_in_compiler(data, builds))
+    # A handler up the logger tree (a user's file log) does not take the console line.
+    monkeypatch.setattr(logging.getLogger("provq_lightning"), "handlers", [logging.NullHandler()])
+    with caplog.at_level(logging.INFO, logger="provq_lightning.vq.cpu_kernel"):
+        assert cpu_kernel.kernel() is not None
+        monkeypatch.setattr(cpu_kernel, "_state", {})  # a new process
+        assert cpu_kernel.kernel() is not None
+    assert len(builds) == 1 and caplog.records == []
+    console = capsys.readouterr()
+    assert console.out == ""
+    (announce,) = console.err.splitlines()
+    assert _announcements(announce) == 1 and str(fresh_state) in announce
+    assert "PROVQ_CPU_KERNEL=0" in announce
+    assert cpu_kernel.cached_file_is_whole(cpu_kernel.cached_path())
+    # No temporary build folder is left; the lock file stays, unheld.
+    assert not [p for p in fresh_state.iterdir() if p.is_dir()]
+
+
+def test_while_another_process_builds_the_torch_search_is_used_then_the_kernel(
+    built_kernel, fresh_state, monkeypatch, caplog, capsys
+):
+    import fcntl
+
+    _, data = built_kernel
+    builds = []
+    monkeypatch.setattr(cpu_kernel, "_compile", _stand_in_compiler(data, builds))
+    monkeypatch.setattr(cpu_kernel, "BUSY_RECHECK_SECONDS", 0.0)
+    target = cpu_kernel.cached_path()
+    with open(cpu_kernel.lock_path(target), "a") as other_builder:  # holds the build lock
+        fcntl.flock(other_builder, fcntl.LOCK_EX)
+        with caplog.at_level(logging.WARNING, logger="provq_lightning.vq.cpu_kernel"):
+            assert cpu_kernel.kernel() is None
+            assert cpu_kernel.kernel() is None  # looked again: still building
+        # No second build and nothing on the console (an info line in the log).
+        assert caplog.records == [] and builds == [] and capsys.readouterr().err == ""
+        # The other process finishes: the record, then the whole file; the lock is released.
+        cpu_kernel.record_path(target).write_text(f"{len(data)} not yet the file's\n")
+        assert cpu_kernel.kernel() is None  # a record without its file is never loaded
+        staged = target.with_name("staged.so")
+        staged.write_bytes(data)
+        cpu_kernel.record_path(target).write_text(cpu_kernel._fingerprint(staged) + "\n")
+        staged.replace(target)
+    assert cpu_kernel.kernel() is not None and builds == []
+
+
+def test_the_build_command_builds_once_and_reports(built_kernel, fresh_state, monkeypatch,
+                                                   capsys):
+    _, data = built_kernel
+    builds = []
+    monkeypatch.setattr(cpu_kernel, "_compile", _stand_in_compiler(data, builds))
+    assert cpu_kernel.main(["--build"]) == 0
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    assert cpu_kernel.main(["--build"]) == 0  # already built: verified and loaded
+    assert len(builds) == 1
+    out = capsys.readouterr().out
+    assert out.count(f"CPU search kernel ready ({cpu_kernel.cached_path()})") == 2
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    assert cpu_kernel.main(["--build"]) == 0
+    assert "switched off" in capsys.readouterr().out
+
+
+def test_the_build_command_fails_with_the_reason(fresh_state, monkeypatch, capsys):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    assert cpu_kernel.main(["--build"]) == 1
+
+
+PARALLEL_RUN = """
+import logging, os, sys, time
+from pathlib import Path
+from provq_lightning.vq import cpu_kernel
+real, meeting = Path(sys.argv[1]).read_bytes(), Path(sys.argv[2])
+saw_busy = meeting / 'busy'
+
+class NoteBusy(logging.Handler):  # the waiting process says so in its (info) log
+    def emit(self, record):
+        if 'another process is compiling' in record.getMessage():
+            saw_busy.touch()
+
+logger = logging.getLogger('provq_lightning.vq.cpu_kernel')
+logger.setLevel(logging.INFO)
+logger.addHandler(NoteBusy())
+
+def compile_(name, build):  # the compiler's stand-in: waits until the other process found it busy
+    with open(meeting / 'builds', 'a') as fh:
+        fh.write(f'{os.getpid()}\\n')
+    deadline = time.monotonic() + 60
+    while not saw_busy.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    path = build / f'{name}{cpu_kernel.EXTENSION_SUFFIX}'
+    path.write_bytes(real)
+    return cpu_kernel._import_file(name, path), path
+
+cpu_kernel._compile = compile_
+cpu_kernel.BUSY_RECHECK_SECONDS = 0.05
+(meeting / f'ready-{os.getpid()}').touch()
+while len(list(meeting.glob('ready-*'))) < 2:  # both start searching together
+    time.sleep(0.01)
+first = cpu_kernel.kernel() is not None
+deadline = time.monotonic() + 120
+while cpu_kernel.kernel() is None and time.monotonic() < deadline:
+    time.sleep(0.02)
+print('first', first, 'then', cpu_kernel.kernel() is not None)
+"""
+
+
+def test_two_processes_on_an_empty_cache_build_once(built_kernel, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _, data = built_kernel
+    real = tmp_path / "real.so"
+    real.write_bytes(data)
+    cache, meeting = tmp_path / "cache", tmp_path / "meeting"
+    meeting.mkdir()
+    env = {**os.environ, cpu_kernel.ENV_CACHE: str(cache)}
+    env.pop(cpu_kernel.ENV_SWITCH, None)
+    procs = [subprocess.Popen([sys.executable, "-c", PARALLEL_RUN, str(real), str(meeting)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err[-2000:]
+    outs = sorted(out.split() for out, _ in results)
+    # One built and used the kernel at once; the other searched with torch meanwhile, then
+    # picked up the finished kernel without building it.
+    assert outs == [["first", "False", "then", "True"], ["first", "True", "then", "True"]]
+    assert len((meeting / "builds").read_text().split()) == 1
+    assert (meeting / "busy").exists()
+    assert _announcements("".join(err for _, err in results)) == 1
+    assert cpu_kernel.cached_file_is_whole(cache / cpu_kernel.cached_path().name)
+
+
+BANNER_RUN = """
+from provq_lightning.vq import cpu_kernel
+print('kernel', cpu_kernel.kernel())
+"""
+
+
+def test_a_failing_compiler_is_one_line_without_torchs_banners(tmp_path):
+    # torch's builder logs "No CUDA runtime is found" on import where CUDA_HOME is set and no
+    # GPU is present, and a traceback when the compiler's version check fails.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, cpu_kernel.ENV_CACHE: str(tmp_path / "cache"), "CXX": "false",
+           "CUDA_HOME": str(tmp_path)}
+    env.pop(cpu_kernel.ENV_SWITCH, None)
+    run = subprocess.run([sys.executable, "-c", BANNER_RUN], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["kernel", "None"]
+    lines = run.stderr.splitlines()
+    assert len(lines) == 2, run.stderr
+    assert _announcements(lines[0]) == 1
+    assert "fused CPU search kernel unavailable" in lines[1]

@@ -65,6 +65,7 @@ def plain_lloyd(x, centers, iters):
 @pytest.mark.parametrize("fused_kernel", ["1", "0"])
 def test_skipping_rows_by_bounds_equals_plain_lloyd(fused_kernel, monkeypatch):
     monkeypatch.setenv("PROVQ_CPU_KERNEL", fused_kernel)  # both CPU search paths
+    monkeypatch.setattr("provq_lightning.vq.cpu_kernel.MIN_PAIRS", 0)  # at this small size too
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3000, 4, generator=g) * torch.tensor([3.0, 1.0, 0.5, 0.2])
     init = x[torch.randperm(3000, generator=g)[:40]].clone()
