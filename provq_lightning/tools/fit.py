@@ -46,6 +46,7 @@ from provq_lightning.tools.curriculum_section import (
     check_one_curriculum,
     curriculum_callback,
 )
+from provq_lightning.tools.preflight import run_preflight
 from provq_lightning.tools.shipped_configs import resolve_config_args
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -160,6 +161,9 @@ class ProvqCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
             resolve_last_checkpoint(self.config["fit"])
+            # Before anything is built: every missing GPU, data path and weight file in one
+            # block (provq_lightning.tools.preflight).
+            run_preflight(self.config["fit"].as_dict())
         if self.subcommand in EVALUATING:
             redirect_evaluation(self.config[self.subcommand], self.subcommand)
         predict = self.config.get("predict") if self.subcommand == "predict" else None
