@@ -23,6 +23,7 @@ from provq_lightning.runs.eval_dir import (
 from provq_lightning.runs.run_dir import (
     LAST_CHECKPOINT,
     newest_resumable_run,
+    saved_checkpoints,
     version_dir,
     version_from_dir_name,
 )
@@ -69,6 +70,28 @@ def _logger_args(trainer_config: Any) -> Any | None:
     if init_args is None or not hasattr(init_args, "save_dir") or not hasattr(init_args, "name"):
         return None
     return init_args
+
+
+def refuse_fit_into_existing_run(config: Any) -> None:
+    """A fit without ``--ckpt_path`` into a pinned version directory that holds a run's
+    checkpoints is refused: it would write ``last-v1.ckpt`` beside them and mix its
+    ``metrics.json`` with the old run's. A directory without checkpoints (a run that died
+    before its first, a sweep task's folder made before its first start) is written as usual."""
+    if config.get("ckpt_path") is not None:
+        return
+    logger_args = _logger_args(config.get("trainer"))
+    if logger_args is None or logger_args.version is None:
+        return  # an unpinned version is always a new directory
+    run = Path(logger_args.save_dir or "runs") / (logger_args.name or "")
+    run = run / version_dir(logger_args.version)
+    found = saved_checkpoints(run)
+    if found:
+        shown = run / LAST_CHECKPOINT if run / LAST_CHECKPOINT in found else found[0]
+        raise ProvqError(
+            f"{run} already holds a run ({shown.relative_to(run)}); resume it with "
+            "--ckpt_path last, or start a new run under another version "
+            "(--trainer.logger.init_args.version) or after moving that folder away"
+        )
 
 
 def resolve_last_checkpoint(config: Any) -> None:

@@ -35,6 +35,12 @@ def newest_resumable_run(save_dir: str | Path, name: str) -> ResumeTarget | None
     return ResumeTarget(run_dir=root / version, version=version, checkpoint=ckpt)
 
 
+def saved_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The checkpoint files a fit wrote into ``run_dir`` (``checkpoints/*.ckpt``), sorted."""
+    folder = Path(run_dir) / LAST_CHECKPOINT.parent
+    return sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+
+
 def version_dir(version: int | str) -> str:
     """The directory name Lightning's TensorBoard/CSV loggers give ``version``."""
     return f"version_{version}" if isinstance(version, int) else str(version)

@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from provq_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from provq_lightning.callbacks.metrics_json import MetricsJsonCallback
 from provq_lightning.callbacks.nonfinite import NonFiniteGuard
 from provq_lightning.callbacks.prediction_writer import CodePredictionWriter
@@ -37,6 +38,7 @@ from provq_lightning.runs.resolve import (
     discard_failed_evaluation,
     is_launch_rank_zero,
     redirect_evaluation,
+    refuse_fit_into_existing_run,
     resolve_last_checkpoint,
 )
 from provq_lightning.tools.curriculum_section import (
@@ -46,6 +48,7 @@ from provq_lightning.tools.curriculum_section import (
     check_one_curriculum,
     curriculum_callback,
 )
+from provq_lightning.tools.preflight import run_preflight
 from provq_lightning.tools.shipped_configs import resolve_config_args
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -91,6 +94,10 @@ def provq_callbacks(config: dict[str, Any]) -> list[Callback]:
     # ran, as ModelCheckpoint does. One in the config (other signal, ...) replaces it.
     if not any(isinstance(c, PreemptionCheckpoint) for c in configured):
         callbacks.append(PreemptionCheckpoint())
+    # After it: a fit that ends (max_steps off the checkpoint interval, Ctrl-C) leaves last.ckpt
+    # at its last completed step. One in the config (ctrl_c: false) replaces it.
+    if not any(isinstance(c, FinalCheckpoint) for c in configured):
+        callbacks.append(FinalCheckpoint())
     return callbacks
 
 
@@ -159,7 +166,11 @@ class ProvqCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
+            refuse_fit_into_existing_run(self.config["fit"])
             resolve_last_checkpoint(self.config["fit"])
+            # Before anything is built: every missing GPU, data path and weight file in one
+            # block (provq_lightning.tools.preflight).
+            run_preflight(self.config["fit"].as_dict())
         if self.subcommand in EVALUATING:
             redirect_evaluation(self.config[self.subcommand], self.subcommand)
         predict = self.config.get("predict") if self.subcommand == "predict" else None

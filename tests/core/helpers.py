@@ -147,3 +147,23 @@ class SlowSteps(Callback):
         import time
 
         time.sleep(self.seconds)
+
+
+class SigintAtStep(Callback):
+    """Send this process SIGINT (a Ctrl-C) ``times`` times at the end of a global step, from
+    inside the step's hooks, as a Ctrl-C that lands mid-run would; under DDP on ``rank`` only
+    (None: every rank). List it before provq's own callbacks (any place in the config's list)."""
+
+    def __init__(self, step: int, times: int = 1, rank: int | None = None) -> None:
+        self.step = step
+        self.times = times
+        self.rank = rank
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
+        if trainer.global_step == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)

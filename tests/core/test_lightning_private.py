@@ -105,7 +105,7 @@ CHECKS: list[tuple[str, str, Callable[[], None]]] = [
      _wrapping_checkpoint_io),
     ("Strategy._checkpoint_io", "provq_lightning/tools/fit.py", _strategy_checkpoint_io),
     ("ModelCheckpoint._last_checkpoint_saved / _last_global_step_saved",
-     "callbacks/nonfinite.py", _model_checkpoint_last_saved),
+     "callbacks/nonfinite.py, callbacks/final_checkpoint.py", _model_checkpoint_last_saved),
     ("LightningCLI._add_configure_optimizers_method_to_model / _parse_ckpt_path / _get / "
      "_instantiate_trainer / _parser", "provq_lightning/tools/fit.py", _cli_methods),
     ("torchvision Inception3._forward", "provq_lightning/image/pretrained.py", _inception_forward),

@@ -173,7 +173,9 @@ def test_second_fit_into_a_live_run_directory_refuses_naming_host_and_pid(tmp_pa
         while not lock.exists() and holder.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert lock.exists(), "the first fit never took the lock"
-        second = provq_fit(tmp_path, *pin, "--trainer.max_steps", "10")
+        # --ckpt_path last: without it a fit into a directory that holds checkpoints (the
+        # holder's, once it reached step 250) is refused before the lock is looked at.
+        second = provq_fit(tmp_path, *pin, "--trainer.max_steps", "10", "--ckpt_path", "last")
         line = one_error_line(second)
         assert f"in use by PID {holder.pid} on host {os.uname().nodename}" in line
         assert holder.poll() is None  # the first fit goes on
@@ -181,7 +183,7 @@ def test_second_fit_into_a_live_run_directory_refuses_naming_host_and_pid(tmp_pa
         holder.kill()
         holder.wait()
     # Killed: its lock is stale now, and the next fit takes it over with a warning.
-    resumed = provq_fit(tmp_path, *pin, "--trainer.max_steps", "10")
+    resumed = provq_fit(tmp_path, *pin, "--trainer.max_steps", "10", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "stale lock" in resumed.stderr
 
