@@ -6,6 +6,15 @@ neighbourhood using every neighbour's rigid frame, read out the query residue's 
 project it to the code dimension. Frames enter attention only through rotated/translated
 query/key/value vectors that are compared or brought back into the query's own frame, so the
 output does not change when the whole structure is rotated or translated.
+
+``esm3=True`` makes the network ESM3's ``StructureTokenEncoder`` (``esm/models/vqvae.py``, the
+encoder StructTokenBench trains too), so its weights load by name (``protein/esm3.py``): a
+SwiGLU feed-forward of width ``((4 d + 255) // 256) * 256`` with biases, biases in the attention's
+projections, no norm before the output projection, ESM3's residue frame (x along C->CA instead of
+CA->C; y from N as here), distances taken directly (no expansion, whose cancellation costs
+float32 digits), and neighbourhoods that fall back to sequence distance where coordinates are
+missing. The default (``esm3=False``) is provq's own variant, unchanged, so existing checkpoints
+load as before.
 """
 
 from __future__ import annotations
@@ -16,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from provq_lightning.protein.geometry import frames_from_backbone
+from provq_lightning.protein.geometry import frames_from_backbone, gram_schmidt
+
+# Real CA distances are far below this; pairs with a missing residue sort after every real pair
+# (ESM3's ``knn_graph`` uses the same bound).
+FAR = 1e6
 
 
 def knn_neighbours(
@@ -35,6 +48,48 @@ def knn_neighbours(
         dist = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=ca.device), -1.0)
         values, index = dist.topk(e, dim=-1, largest=False)
         return index, torch.isfinite(values) & mask.unsqueeze(-1)
+
+
+def knn_neighbours_esm3(
+    ca: torch.Tensor, mask: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``knn_neighbours`` as ESM3 ranks them: real pairs by CA distance, then pairs with a
+    missing residue by sequence distance (``FAR + 100 |i - j|``), so a residue without
+    coordinates still gets its sequence neighbours. Such neighbours are masked keys, so the
+    output of a residue with a frame does not depend on them; the edge lists match ESM3's."""
+    b, n, _ = ca.shape
+    e = min(k, n)
+    with torch.no_grad(), torch.autocast(ca.device.type, enabled=False):
+        x = ca.float().masked_fill(~mask.unsqueeze(-1), 0.0)
+        dist = (x.unsqueeze(2) - x.unsqueeze(1)).norm(dim=-1)
+        valid = mask.unsqueeze(1) & mask.unsqueeze(2)
+        pos = torch.arange(n, device=ca.device, dtype=dist.dtype)
+        fallback = FAR + 100.0 * (pos.unsqueeze(0) - pos.unsqueeze(1)).abs()
+        dist = torch.where(valid, dist, fallback.expand_as(dist))
+        dist = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=ca.device), -1.0)
+        index = dist.topk(e, dim=-1, largest=False).indices
+        real = torch.gather(valid, 2, index)
+        return index, real
+
+
+def esm3_frames(bb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ESM3's residue frames from N, CA, C (..., 3, 3): x along CA - C, y from N - CA, origin
+    CA. ``R_esm3 = R_provq @ diag(-1, 1, -1)``: the same frame turned half a turn about y."""
+    n, ca, c = bb.unbind(-2)
+    return gram_schmidt(ca - c, n - ca), ca
+
+
+def swiglu_hidden(dim: int, expansion: int = 4) -> int:
+    """ESM3's SwiGLU width: ``expansion * dim`` rounded up to a multiple of 256."""
+    return (expansion * dim + 255) // 256 * 256
+
+
+class SwiGLU(nn.Module):
+    """``silu(a) * b`` of the two halves of the last dimension."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
 
 
 def gather_neighbours(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -68,9 +123,12 @@ class GeometricAttention(nn.Module):
     values are rotated back into the query's frame before the output projection.
     """
 
-    def __init__(self, dim: int, v_heads: int, bias: bool = False) -> None:
+    def __init__(
+        self, dim: int, v_heads: int, bias: bool = False, exact_distances: bool = False
+    ) -> None:
         super().__init__()
         self.v_heads = v_heads
+        self.exact_distances = exact_distances
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, 5 * v_heads * 3, bias=bias)
         self.out = nn.Linear(v_heads * 3, dim, bias=bias)
@@ -90,13 +148,21 @@ class GeometricAttention(nn.Module):
         q_pt = q_pt + trans.unsqueeze(2)
         k_pt = k_pt + trans.unsqueeze(2)
         rot_term = torch.einsum("nihc,njhc->nhij", q_dir, k_dir) / math.sqrt(3.0)
-        # |q - k| by expansion: no (N, H, E, E, 3) intermediate for wide models.
-        sq = (
-            q_pt.pow(2).sum(-1).transpose(1, 2).unsqueeze(-1)
-            + k_pt.pow(2).sum(-1).transpose(1, 2).unsqueeze(-2)
-            - 2.0 * torch.einsum("nihc,njhc->nhij", q_pt, k_pt)
-        )
-        dist_term = (sq.clamp_min(0.0) + 1e-8).sqrt() / math.sqrt(3.0)
+        if self.exact_distances:
+            # |q - k| from the differences (cdist's direct mode: no (N, H, E, E, 3) tensor).
+            dist = torch.cdist(
+                q_pt.transpose(1, 2).float(), k_pt.transpose(1, 2).float(),
+                compute_mode="donot_use_mm_for_euclid_dist",
+            ).to(rot_term.dtype)
+        else:
+            # |q - k| by expansion: no (N, H, E, E, 3) intermediate for wide models.
+            sq = (
+                q_pt.pow(2).sum(-1).transpose(1, 2).unsqueeze(-1)
+                + k_pt.pow(2).sum(-1).transpose(1, 2).unsqueeze(-2)
+                - 2.0 * torch.einsum("nihc,njhc->nhij", q_pt, k_pt)
+            )
+            dist = (sq.clamp_min(0.0) + 1e-8).sqrt()
+        dist_term = dist / math.sqrt(3.0)
         logits = (
             F.softplus(self.rotation_scale).view(1, h, 1, 1) * rot_term
             - F.softplus(self.distance_scale).view(1, h, 1, 1) * dist_term
@@ -110,15 +176,24 @@ class GeometricAttention(nn.Module):
 
 
 class GeometricBlock(nn.Module):
-    def __init__(self, dim: int, v_heads: int, expansion: int = 4) -> None:
+    """Geometric attention then a feed-forward, each pre-norm with a residual; ``esm3``: ESM3's
+    block (attention biases, exact distances, SwiGLU feed-forward)."""
+
+    def __init__(self, dim: int, v_heads: int, expansion: int = 4, esm3: bool = False) -> None:
         super().__init__()
-        self.attn = GeometricAttention(dim, v_heads)
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(dim),
-            nn.Linear(dim, expansion * dim),
-            nn.GELU(),
-            nn.Linear(expansion * dim, dim),
-        )
+        self.attn = GeometricAttention(dim, v_heads, bias=esm3, exact_distances=esm3)
+        if esm3:
+            hidden = swiglu_hidden(dim, expansion)
+            self.mlp = nn.Sequential(
+                nn.LayerNorm(dim), nn.Linear(dim, 2 * hidden), SwiGLU(), nn.Linear(hidden, dim)
+            )
+        else:
+            self.mlp = nn.Sequential(
+                nn.LayerNorm(dim),
+                nn.Linear(dim, expansion * dim),
+                nn.GELU(),
+                nn.Linear(expansion * dim, dim),
+            )
 
     def forward(self, s, rot, trans, mask):
         s = s + self.attn(s, rot, trans, mask)
@@ -135,6 +210,8 @@ class StructureEncoder(nn.Module):
         code_dim: output dimension, the quantizer's code dimension.
         knn: neighbourhood size (16).
         rel_pos_bins: relative-position clamp (32).
+        esm3: ESM3's network (see the module docstring); its weights load with
+            ``protein.esm3``.
     """
 
     def __init__(
@@ -145,12 +222,17 @@ class StructureEncoder(nn.Module):
         code_dim: int = 32,
         knn: int = 16,
         rel_pos_bins: int = 32,
+        esm3: bool = False,
     ) -> None:
         super().__init__()
         self.knn = knn
+        self.esm3 = esm3
         self.rel_pos = RelativePositionEmbedding(rel_pos_bins, dim)
-        self.blocks = nn.ModuleList(GeometricBlock(dim, v_heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(
+            GeometricBlock(dim, v_heads, esm3=esm3) for _ in range(layers)
+        )
+        # ESM3 projects the last block's output directly.
+        self.norm = nn.Identity() if esm3 else nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, code_dim)
 
     def forward(
@@ -160,11 +242,15 @@ class StructureEncoder(nn.Module):
         exist; ``residue_index`` (B, L) positions along the chain."""
         b, n = residue_mask.shape
         bb = coords[:, :, :3].masked_fill(~residue_mask[..., None, None], 0.0)
-        rot, trans = frames_from_backbone(bb[:, :, 0], bb[:, :, 1], bb[:, :, 2])
+        if self.esm3:
+            rot, trans = esm3_frames(bb)
+        else:
+            rot, trans = frames_from_backbone(bb[:, :, 0], bb[:, :, 1], bb[:, :, 2])
         # Frameless residues get the identity frame; they are masked as keys anyway.
         eye = torch.eye(3, dtype=rot.dtype, device=rot.device).expand_as(rot)
         rot = torch.where(residue_mask[..., None, None], rot, eye)
-        index, edge_mask = knn_neighbours(trans, residue_mask, self.knn)
+        find = knn_neighbours_esm3 if self.esm3 else knn_neighbours
+        index, edge_mask = find(trans, residue_mask, self.knn)
         e = index.shape[-1]
         nb_rot = gather_neighbours(rot, index).reshape(b * n, e, 3, 3)
         nb_trans = gather_neighbours(trans, index).reshape(b * n, e, 3)

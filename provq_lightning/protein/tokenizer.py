@@ -9,6 +9,12 @@ each residue's window of CA internal coordinates (``local_encoder.py``), and
 (``internal_decoder.py``), trained with an angular loss, the N/C offset loss and optionally a
 short-window CA distance loss.
 
+ESM3 / StructTokenBench interop (``protein/esm3.py``): ``encoder_type: esm3`` is ESM3's
+structure encoder exactly and ``decoder_head: esm3`` its decoder reading the quantized latents
+(StructTokenBench's), ``esm3_tokens`` reading code ids (ESM3's released decoder; decodes but
+does not train). ``from_esm3`` / ``from_structtokenbench`` (or ``init_from:``) load their
+checkpoints.
+
 Variants (``variant``):
 - ``vanilla``: a plain learnable codebook (StructTokenBench's VanillaVQ);
 - ``aminoaseed``: effective codes = Linear(C) with the base codebook C frozen (after k-means
@@ -22,10 +28,14 @@ import math
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
+from provq_lightning.errors import ProvqError
+from provq_lightning.protein import esm3
 from provq_lightning.protein.decoder import StructureDecoder
 from provq_lightning.protein.encoder import StructureEncoder
+from provq_lightning.protein.esm3_decoder import ESM3StructureDecoder
 from provq_lightning.protein.geometry import backbone_with_oxygen
 from provq_lightning.protein.internal import (
     angular_loss,
@@ -51,8 +61,8 @@ from provq_lightning.tokens.names import safe_file_name
 from provq_lightning.vq.quantizer import VectorQuantizer
 
 VARIANTS = ("vanilla", "aminoaseed")
-ENCODERS = ("geometric", "local")
-DECODER_HEADS = ("frames", "internal")
+ENCODERS = ("geometric", "local", "esm3")
+DECODER_HEADS = ("frames", "internal", "esm3", "esm3_tokens")
 MISSING_TOKEN = -1  # residues without a backbone frame have no code
 
 
@@ -90,9 +100,21 @@ class ProteinTokenizer(VQTokenizer):
             ``transformer``); its losses: ``angle_weight`` x (1 - cos) of theta and tau,
             ``offset_weight`` x MSE of the N/C offsets, ``local_distance_weight`` x the CA
             distance loss over pairs up to ``local_distance_window`` apart along the chain.
+            ``encoder_type: esm3``: the geometric encoder as ESM3's ``StructureTokenEncoder``
+            (SwiGLU, biases, no final norm, ESM3's frames; ``knn`` must be 16 to load ESM3).
+            ``decoder_head: esm3``: ESM3's decoder transformer, frame head and pairwise head
+            reading the latents through ``post_vq_proj`` (StructTokenBench), ``decoder_dim``,
+            ``decoder_heads``, ``decoder_layers``, ``pair_dim`` its shape, the distogram the
+            pairwise head's first 64 bins; ``esm3_tokens``: the same reading code ids through
+            ESM3's token table (ESM3's released decoder; decodes, cannot train).
         angle_skip: with the local encoder and the internal head: the residue's own angles,
             times this scale, are 4 of the code's dimensions, and the decoder predicts a
             correction to the angles its code holds (0: off).
+        init_from: start from ``esm3:PATH`` (ESM3's encoder ``.pth``: encoder and codebook) or
+            ``structtokenbench:PATH`` (its DeepSpeed checkpoint: encoder, codebook, decoder);
+            the shape arguments must match (``from_esm3`` / ``from_structtokenbench`` read
+            them from the files). A loaded codebook switches the curriculum's k-means seeding
+            off. See ``provq_lightning.protein.esm3``.
         dead_code_threshold: revive codes used less than this fraction of the mean (see
             ``vq.revival``; 0: off, the default, as in StructTokenBench).
     """
@@ -139,6 +161,7 @@ class ProteinTokenizer(VQTokenizer):
         lr_decay_to: float = 1.0,
         angle_skip: float = 0.0,
         dead_code_threshold: float = 0.0,
+        init_from: str | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -150,9 +173,10 @@ class ProteinTokenizer(VQTokenizer):
             )
         # Built in this order (encoder, codebook, decoder) so seeded initialisation is the same
         # as in every earlier release.
-        if encoder_type == "geometric":
+        if encoder_type in ("geometric", "esm3"):
             encoder = StructureEncoder(
-                encoder_dim, encoder_heads, encoder_layers, code_dim, knn, rel_pos_bins
+                encoder_dim, encoder_heads, encoder_layers, code_dim, knn, rel_pos_bins,
+                esm3=encoder_type == "esm3",
             )
         else:
             encoder = LocalGeometryEncoder(
@@ -179,16 +203,64 @@ class ProteinTokenizer(VQTokenizer):
                 distogram_bins=64 if distogram_weight > 0 else 0,
                 pair_dim=pair_dim,
             )
-        else:
+        elif decoder_head == "internal":
             decoder = InternalCoordinateDecoder(
                 code_dim, decoder_dim, decoder_layers, decoder_trunk, decoder_heads,
                 angle_residual=angle_skip if encoder_type == "local" else 0.0,
+            )
+        else:
+            decoder = ESM3StructureDecoder(
+                code_dim, decoder_dim, decoder_heads, decoder_layers, pair_dim,
+                tokens=decoder_head == "esm3_tokens",
             )
         super().__init__(quantizer, {"encoder": encoder})
         self.save_hyperparameters()
         self.decoder = decoder
         self.add_split_metrics(structure_metrics)
         self._picture_chains: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        # True once a checkpoint's codebook is loaded: k-means seeding would replace it.
+        self.codebook_loaded = False
+        if init_from:
+            esm3.init_from(self, init_from)
+
+    @classmethod
+    def from_esm3(
+        cls, encoder_path: str | Path, decoder_path: str | Path | None = None, **overrides
+    ) -> ProteinTokenizer:
+        """A tokenizer holding ESM3's structure encoder and codebook (and, with
+        ``decoder_path``, its decoder: ``decoder_head: esm3_tokens``; without it a fresh
+        ``esm3`` decoder), in eval mode: the shape from the files, ``overrides`` for any other
+        argument."""
+        return esm3.build_esm3(cls, encoder_path, decoder_path, overrides)
+
+    @classmethod
+    def from_structtokenbench(cls, path: str | Path, **overrides) -> ProteinTokenizer:
+        """A tokenizer holding a StructTokenBench (VanillaVQ or AminoAseed) checkpoint, a
+        DeepSpeed folder or its ``mp_rank_00_model_states.pt``, in eval mode: the shape from
+        the file, ``overrides`` for any other argument."""
+        return esm3.build_structtokenbench(cls, path, overrides)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage != "fit":
+            return
+        if self.hparams.decoder_head == "esm3_tokens":
+            raise ProvqError(
+                "decoder_head: esm3_tokens (ESM3's released decoder) reads code ids, which carry "
+                "no gradient to the encoder, so this model does not train; continue training "
+                "with decoder_head: esm3 (init_from: esm3:ENCODER loads the encoder and codebook)"
+            )
+        if self.codebook_loaded and self._trainer is not None:
+            # The loaded codebook is the point of starting from a checkpoint: no k-means seeding
+            # over it (the callback's setting is flipped before its first batch, and a resumed
+            # run rebuilds the model from the same config, so the saved settings agree).
+            for callback in self.trainer.callbacks:
+                if getattr(callback, "kmeans_init", False):
+                    callback.kmeans_init = False
+                    rank_zero_info(
+                        f"[provq] {self.hparams.init_from or 'the loaded checkpoint'}: the "
+                        "codebook is loaded, so the curriculum's k-means seeding is off"
+                    )
 
     # -- model ------------------------------------------------------------------------------
     def encode(self, batch: dict) -> torch.Tensor:
@@ -239,10 +311,19 @@ class ProteinTokenizer(VQTokenizer):
                 losses["distogram"] = distogram_loss(out.distogram_logits.float(), true, mask)
         return losses
 
+    def _decode(self, z, mask, pad_mask, codes, with_distogram: bool = True):
+        if self.hparams.decoder_head == "esm3_tokens":
+            if codes is None:
+                raise ProvqError("decoder_head: esm3_tokens needs code ids; the quantizer was "
+                                 "bypassed (a curriculum warmup), which this decoder cannot "
+                                 "follow")
+            return self.decoder(z, mask, pad_mask, with_distogram, codes=codes)
+        return self.decoder(z, mask, pad_mask, with_distogram)
+
     def _step(self, batch: dict):
         mask = batch["residue_mask"]
         q = self.quantize(self.encode(batch), mask=mask)
-        out = self.decoder(q.z_tilde, mask, batch["pad_mask"])
+        out = self._decode(q.z_tilde, mask, batch["pad_mask"], q.indices)
         losses = self.reconstruction_losses(batch, out)
         hp = self.hparams
         weights = {
@@ -376,7 +457,10 @@ class ProteinTokenizer(VQTokenizer):
         present = codes >= 0
         with self.eval_mode():
             z = self.quantizer.lookup(codes.clamp_min(0)).unsqueeze(0)
-            out = self.decoder(z, present[None], torch.ones_like(present)[None], False)
+            out = self._decode(
+                z, present[None], torch.ones_like(present)[None], codes.clamp_min(0)[None],
+                with_distogram=False,
+            )
         return backbone_with_oxygen(out.backbone[0].float())
 
     def decode_tokens_to_file(self, key: str, codes: torch.Tensor, out_dir: Path) -> Path:
