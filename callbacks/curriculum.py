@@ -154,6 +154,7 @@ class CurriculumCallback(Callback):
         self.reservoir_batches = 0
         self._batch_step = 0
         self._reservoir_checked = False
+        self._seeding = kmeans_init  # setup() turns it off for a loaded codebook
         # Warmup encoder outputs of the current batch, caught by a forward hook on the quantizer.
         self._latents: list[torch.Tensor] = []
         self._hook: torch.utils.hooks.RemovableHandle | None = None
@@ -167,7 +168,7 @@ class CurriculumCallback(Callback):
 
     def _collecting(self, step: int) -> bool:
         return (
-            self.kmeans_init
+            self._seeding
             and not self.seeded
             and self.warmup_steps - self.kmeans_collect_batches <= step < self.warmup_steps
         )
@@ -178,8 +179,16 @@ class CurriculumCallback(Callback):
             raise TypeError(
                 f"CurriculumCallback drives a provq VQTokenizer; got {type(pl_module).__name__}"
             )
+        # The model's loaded codebook is kept: seeding over it would discard what was loaded.
+        # A decision of this run, not a setting, so checkpoints keep kmeans_init as configured.
+        self._seeding = self.kmeans_init and not pl_module.codebook_loaded
+        if self.kmeans_init and not self._seeding:
+            rank_zero_info(
+                "[provq] the model's codebook was loaded from a file, so the curriculum's "
+                "k-means seeding is off"
+            )
         num_codes = pl_module.quantizer.num_codes
-        if self.kmeans_init and self.kmeans_samples is not None and self.kmeans_samples < num_codes:
+        if self._seeding and self.kmeans_samples is not None and self.kmeans_samples < num_codes:
             raise _bad(
                 "kmeans_samples",
                 self.kmeans_samples,
@@ -209,10 +218,10 @@ class CurriculumCallback(Callback):
         step = pl_module.curriculum_step()
         self._batch_step = step
         alpha, omega_now, phase = self.values_at(step)
-        if phase is not Phase.WARMUP and self.kmeans_init and not self.seeded:
+        if phase is not Phase.WARMUP and self._seeding and not self.seeded:
             self._seed_codebook(trainer, pl_module, step)
         pl_module.set_curriculum(alpha, omega_now, phase)
-        if phase is Phase.WARMUP and self.kmeans_init and not self.seeded:
+        if phase is Phase.WARMUP and self._seeding and not self.seeded:
             self._hook = pl_module.quantizer.register_forward_hook(
                 self._catch_latents, with_kwargs=True
             )

@@ -90,6 +90,10 @@ class VQTokenizer(LightningModule):
     optimizer step): a checkpoint now would lose those gradients, so ``PreemptionCheckpoint``
     waits for the window's end. A modality that accumulates by hand keeps it up to date."""
 
+    codebook_loaded: bool = False
+    """True when the codebook came from a file (ESM3, StructTokenBench, ...): the
+    ``CurriculumCallback`` then keeps it and skips its k-means seeding."""
+
     batches_per_step: int = 1
     """Training batches per optimizer step (a modality that accumulates gradients by hand sets
     it): the ``CurriculumCallback`` counts what one step feeds the k-means reservoir by it."""

@@ -28,7 +28,6 @@ import math
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
 from provq_lightning.errors import ProvqError
@@ -218,9 +217,7 @@ class ProteinTokenizer(VQTokenizer):
         self.decoder = decoder
         self.add_split_metrics(structure_metrics)
         self._picture_chains: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        # True once a checkpoint's codebook is loaded: k-means seeding would replace it.
-        self.codebook_loaded = False
-        if init_from:
+        if init_from:  # sets codebook_loaded, so the curriculum keeps the loaded codebook
             esm3.init_from(self, init_from)
 
     @classmethod
@@ -250,17 +247,6 @@ class ProteinTokenizer(VQTokenizer):
                 "no gradient to the encoder, so this model does not train; continue training "
                 "with decoder_head: esm3 (init_from: esm3:ENCODER loads the encoder and codebook)"
             )
-        if self.codebook_loaded and self._trainer is not None:
-            # The loaded codebook is the point of starting from a checkpoint: no k-means seeding
-            # over it (the callback's setting is flipped before its first batch, and a resumed
-            # run rebuilds the model from the same config, so the saved settings agree).
-            for callback in self.trainer.callbacks:
-                if getattr(callback, "kmeans_init", False):
-                    callback.kmeans_init = False
-                    rank_zero_info(
-                        f"[provq] {self.hparams.init_from or 'the loaded checkpoint'}: the "
-                        "codebook is loaded, so the curriculum's k-means seeding is off"
-                    )
 
     # -- model ------------------------------------------------------------------------------
     def encode(self, batch: dict) -> torch.Tensor:
