@@ -24,7 +24,7 @@ protein-prep: $(STAMP)
 PROTEIN_SEEDS ?= 0 1
 PROTEIN_CONFIG ?= experiments/proteins_sample.yaml
 protein-sample: $(STAMP)
-	rm -rf $(foreach v,provq vanilla floor,$(foreach s,$(PROTEIN_SEEDS),$(PROTEIN_RUNS)/proteins_sample_$(v)/seed_$(s)))
+	rm -rf $(foreach v,provq vanilla vanilla_norevival floor,$(foreach s,$(PROTEIN_SEEDS),$(PROTEIN_RUNS)/proteins_sample_$(v)/seed_$(s)))
 	mkdir -p $(PROTEIN_RUNS)
 	for seed in $(PROTEIN_SEEDS); do \
 		OMP_NUM_THREADS=1 $(BIN)/python -m provq_lightning.protein.floor --config $(PROTEIN_CONFIG) \
@@ -35,6 +35,7 @@ protein-sample: $(STAMP)
 	$(BIN)/python -m provq_lightning.protein.report \
 		ProVQ=$(call protein_seed_dirs,proteins_sample_provq) \
 		vanilla=$(call protein_seed_dirs,proteins_sample_vanilla) \
+		vanilla-no-revival=$(call protein_seed_dirs,proteins_sample_vanilla_norevival) \
 		floor=$(call protein_seed_dirs,proteins_sample_floor) \
 		--markdown $(PROTEIN_RUNS)/proteins_sample_table.md \
 		--curve $(PROTEIN_RUNS)/proteins_sample_curve.png

@@ -412,7 +412,8 @@ def test_run_dir_template_and_levels_pick_the_tasks_and_their_directories(tmp_pa
     ]
     protein = load_sweep(SWEEPS / "proteins_sample.yaml", levels={"seed": [3]})
     assert [t.run_dir for t in protein.tasks] == [
-        "proteins_sample_provq/seed_3", "proteins_sample_vanilla/seed_3"
+        "proteins_sample_provq/seed_3", "proteins_sample_vanilla/seed_3",
+        "proteins_sample_vanilla_norevival/seed_3",
     ]
 
 

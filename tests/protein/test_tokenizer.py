@@ -97,6 +97,7 @@ def test_tokenize_and_decode_to_pdb(tmp_path, proteins_dir):
     [
         "proteins_sample",
         "proteins_sample_vanilla",
+        "proteins_sample_vanilla_norevival",
         "cath_vanillavq",
         "cath_vanillavq_provq",
         "cath_aminoaseed",
