@@ -115,6 +115,23 @@ def _init_from(run: Path, ckpt: Path) -> tuple[Callable, list[str]]:
     return (lambda argv: ImageTokenizer(init_from=f"llamagen:{ckpt}")), []
 
 
+def _protein(how: str) -> Callable[[Path, Path], tuple[Callable, list[str]]]:
+    def build(run: Path, ckpt: Path) -> tuple[Callable, list[str]]:
+        from provq_lightning.protein import esm3_convert
+        from provq_lightning.protein.tokenizer import ProteinTokenizer
+
+        return {
+            "from_esm3": (lambda argv: ProteinTokenizer.from_esm3(ckpt)),
+            "from_structtokenbench": (lambda argv: ProteinTokenizer.from_structtokenbench(ckpt)),
+            "esm3": (lambda argv: ProteinTokenizer(init_from=f"esm3:{ckpt}")),
+            "structtokenbench": (
+                lambda argv: ProteinTokenizer(init_from=f"structtokenbench:{ckpt}")
+            ),
+            "convert": esm3_convert.main,
+        }[how], ["--structtokenbench", str(ckpt), "--out", str(run / "converted")]
+    return build
+
+
 ENTRY_POINTS = {
     "provq-fit fit": _fit("fit"),
     "provq-fit validate": _fit("validate"),
@@ -128,6 +145,11 @@ ENTRY_POINTS = {
     "provq-probe": _probe,
     "ImageTokenizer.from_llamagen": _from_llamagen,
     "init_from: llamagen:PATH": _init_from,
+    "ProteinTokenizer.from_esm3": _protein("from_esm3"),
+    "ProteinTokenizer.from_structtokenbench": _protein("from_structtokenbench"),
+    "init_from: esm3:PATH": _protein("esm3"),
+    "init_from: structtokenbench:PATH": _protein("structtokenbench"),
+    "esm3_convert --structtokenbench": _protein("convert"),
 }
 
 
