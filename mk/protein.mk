@@ -83,4 +83,5 @@ protein-probe: $(STAMP)
 	$(BIN)/python -m provq_lightning.protein.probe \
 		ProVQ=$(call protein_seed_dirs,proteins_sample_provq) \
 		vanilla=$(call protein_seed_dirs,proteins_sample_vanilla) \
+		vanilla-no-revival=$(call protein_seed_dirs,proteins_sample_vanilla_norevival) \
 		--markdown $(PROTEIN_RUNS)/protein_probe.md
