@@ -28,6 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from provq_lightning.errors import ProvqError
+from provq_lightning.reporting.curriculum_tags import log_phase_legend, route_warmup_validation
 from provq_lightning.schedules import SCHEDULES, Phase, alpha_at, omega, phase_at
 from provq_lightning.tokenizer import VQTokenizer
 from provq_lightning.vq import distributed
@@ -195,6 +196,10 @@ class CurriculumCallback(Callback):
                 f"k-means needs at least num_codes={num_codes} vectors; raise kmeans_samples to "
                 f">= {num_codes} or leave it unset for 16 x num_codes = {16 * num_codes}",
             )
+        if self.warmup_steps > 0:
+            # Warmup validations (a codebook not yet seeded) get their own curves: val_warmup/.
+            for logger in trainer.loggers:
+                route_warmup_validation(logger, pl_module.validating_in_warmup)
         strategy = trainer.strategy
         if (
             self.warmup_steps > 0
@@ -211,6 +216,11 @@ class CurriculumCallback(Callback):
                 "which plain DDP does not allow; set `trainer.strategy: "
                 "ddp_find_unused_parameters_true` in the config"
             )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # curriculum/phase is logged as a number: say once what its values mean.
+        if trainer.is_global_zero:
+            log_phase_legend(trainer.loggers, trainer.global_step)
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: VQTokenizer, batch: Any, batch_idx: int

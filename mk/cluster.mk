@@ -31,15 +31,15 @@ SWEEP_SLURM = $(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--acco
 
 .PHONY: sweep sweep-check sweep-report tensorboard
 
-sweep-check:
+sweep-check: ## stop with the usage unless SWEEP= names a sweep file (the sweep targets run it)
 	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=experiments/sweeps/<name>.yaml [DRY_RUN=1]"; \
 		ls experiments/sweeps/*.yaml; exit 2; }
 
-sweep: $(STAMP) sweep-check
+sweep: $(STAMP) sweep-check ## submit SWEEP=<file> as one SLURM array job (DRY_RUN=1: print the script)
 	$(if $(DRY_RUN),@)$(BIN)/provq-sweep $(if $(DRY_RUN),render,submit) $(SWEEP_COMMON) $(SWEEP_SLURM)
 
-sweep-report: $(STAMP) sweep-check
+sweep-report: $(STAMP) sweep-check ## table and plot of the runs of SWEEP=<file>
 	$(BIN)/provq-sweep report $(SWEEP_COMMON)
 
-tensorboard: $(STAMP)
+tensorboard: $(STAMP) ## serve RUN=<log dir> (default runs) on TB_PORT (6006)
 	$(BIN)/tensorboard --logdir $(RUN) --host $(TB_HOST) --port $(TB_PORT)

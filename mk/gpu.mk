@@ -5,5 +5,5 @@ GPU_CHECK_ARGS ?=
 
 .PHONY: gpu-check
 
-gpu-check: $(STAMP)
+gpu-check: $(STAMP) ## the one-command GPU check (training step, search, k-means), under 8 minutes
 	@$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

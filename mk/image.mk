@@ -5,7 +5,7 @@ comma := ,
 .PHONY: image-shards image-sample image-test image-bench image-rfid
 
 # Shards of the shared photos (what ImageNetDataModule and the loader benchmark read).
-image-shards: $(STAMP)
+image-shards: $(STAMP) ## webdataset shards of the shared photos
 	$(BIN)/provq-make-shards $(IMAGE_DATA) $(IMAGE_RUNS)/shards/imagenet_sample --shard-size 100 \
 		--overwrite
 
@@ -16,7 +16,7 @@ image-shards: $(STAMP)
 # and the learning curves.
 IMAGE_SEEDS ?= 0 1
 IMAGE_SAMPLE_RUNS = $(foreach s,$(IMAGE_SEEDS),$(IMAGE_RUNS)/imagenet_sample_64px_$(1)/seed_$(s))
-image-sample: $(STAMP)
+image-sample: $(STAMP) ## 64px ProVQ vs vanilla VQ on the shared photos over IMAGE_SEEDS: table, grid, curves
 	$(BIN)/provq-sweep run experiments/sweeps/imagenet_sample.yaml --out $(IMAGE_RUNS) --jobs 2 \
 		--restart --levels seed=$(subst $(eval) ,$(comma),$(strip $(IMAGE_SEEDS)))
 	$(BIN)/python -m provq_lightning.image.report \
@@ -25,10 +25,10 @@ image-sample: $(STAMP)
 		--grid $(IMAGE_RUNS)/imagenet_sample_grid.png --curve $(IMAGE_RUNS)/imagenet_sample_curve.png \
 		--markdown $(IMAGE_RUNS)/imagenet_sample_table.md
 
-image-test: $(STAMP)
+image-test: $(STAMP) ## the image tests
 	$(BIN)/python -m pytest -q tests/image
 
-image-bench: $(BENCH_STAMP)
+image-bench: $(BENCH_STAMP) ## the image benchmark
 	$(BIN)/python benchmarks/bench_image.py
 
 # rFID as the paper reports it (docs/images.md#rfid-as-the-paper-reports-it):
@@ -37,7 +37,7 @@ image-bench: $(BENCH_STAMP)
 RFID_DATA ?= $(IMAGE_DATA)
 RFID_OUT ?= $(IMAGE_RUNS)/rfid
 RFID_ARGS ?=
-image-rfid: $(STAMP)
+image-rfid: $(STAMP) ## rFID as the paper reports it (RFID_CKPT=<ckpt> RFID_DATA=<folder>)
 	@test -n "$(RFID_CKPT)" || { echo "make image-rfid: set RFID_CKPT=<run>/checkpoints/last.ckpt"; exit 2; }
 	$(BIN)/python -m provq_lightning.image.rfid --ckpt $(RFID_CKPT) --data $(RFID_DATA) \
 		--out $(RFID_OUT) $(RFID_ARGS)

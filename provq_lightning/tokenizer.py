@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import Metric
 
+from provq_lightning.reporting.curriculum_tags import VAL_WARMUP
 from provq_lightning.reporting.figures import log_histogram
 from provq_lightning.runs.migrations import mark_format, upgrade_checkpoint
 from provq_lightning.schedules import Phase
@@ -191,6 +193,18 @@ class VQTokenizer(LightningModule):
         # so tests/core/test_lightning_private.py fails loudly if a Lightning release drops it.
         return self.trainer._logger_connector.should_update_logs
 
+    def validating_in_warmup(self) -> bool:
+        """A validation inside a fit while the curriculum is in warmup: hard quantization with a
+        codebook not yet seeded, whose metrics the loggers get under ``val_warmup/``
+        (``reporting.curriculum_tags``)."""
+        trainer = self._trainer
+        return (
+            trainer is not None
+            and trainer.validating
+            and trainer.state.fn == TrainerFn.FITTING
+            and self.phase is Phase.WARMUP
+        )
+
     def log_train(self, values: dict[str, torch.Tensor], batch_size: int) -> None:
         """Per-step training scalars, on the steps Lightning logs."""
         if self.should_log_step():
@@ -263,7 +277,12 @@ class VQTokenizer(LightningModule):
         # Uses per code: the shape shows dead and over-used codes at a glance. Computed on every
         # rank (a collective); log_histogram itself logs on rank 0 only, to every logger.
         counts = self.codebook_usage.compute()["histogram"].float().cpu()
-        log_histogram(self, f"{prefix}/code_usage", counts)
+        if prefix == "val" and self.validating_in_warmup():
+            prefix = VAL_WARMUP
+        # Each code's share of the uses (sums to 1, comparable across set sizes), and the counts.
+        share = counts / counts.sum().clamp(min=1.0)
+        log_histogram(self, f"{prefix}/code_usage", share, ylabel="share of uses")
+        log_histogram(self, f"{prefix}/code_use_counts", counts, ylabel="uses")
         self.codebook_usage.reset()
 
     def on_validation_epoch_start(self) -> None:

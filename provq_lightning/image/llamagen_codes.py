@@ -11,11 +11,19 @@ pair back and, when its code path contains ``flip``, keeps one random view: ``(1
 
 Beside LlamaGen's two folders: ``index.jsonl`` (number, key, label per image, so a number can
 be traced to its photo) and ``meta.json``.
+
+Under DDP (``provq-fit predict`` with ``CodePredictionWriter(format="llamagen")``) each rank
+writes its share of the images as such a folder, its index lines also giving each image's
+``order`` (its dataset index where the loader knows it, else rank and position), and
+``merge_shares`` numbers them all by that order into one folder: the numbers a single process
+gives a map-style dataset, whatever the number of ranks.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +65,10 @@ class LlamaGenCodeWriter:
         self._index = (out / "index.jsonl").open("w")
         self.view_shape: tuple[int, ...] | None = None
 
-    def add(self, key: str, label: int, codes: torch.Tensor) -> None:
-        """One image: ``codes`` (A, h, w) code ids of its views, ``label`` its class index."""
+    def add(self, key: str, label: int, codes: torch.Tensor,
+            order: Sequence[int] | None = None) -> None:
+        """One image: ``codes`` (A, h, w) code ids of its views, ``label`` its class index;
+        ``order``: where the image goes when shares are merged (``merge_shares``)."""
         if label < 0:
             raise ProvqError(f"image {key!r} has no class label (-1: its class is not in the "
                              "datamodule's class index); LlamaGen's c2i GPT needs one per image")
@@ -67,8 +77,21 @@ class LlamaGenCodeWriter:
         np.save(self.codes_dir / f"{n}.npy", array, allow_pickle=False)
         np.save(self.labels_dir / f"{n}.npy", np.array([label], dtype=np.int64),
                 allow_pickle=False)
-        self._index.write(json.dumps({"number": n, "key": key, "label": label}) + "\n")
+        record = {"number": n, "key": key, "label": label}
+        if order is not None:
+            record["order"] = list(order)
+        self._index.write(json.dumps(record) + "\n")
         self.view_shape = tuple(codes.shape)
+        self.count += 1
+
+    def move_in(self, share: Path, record: dict[str, Any]) -> None:
+        """Image ``record`` (an index line) of the folder ``share``, written by another writer
+        of the same image size, as this writer's next number: its files are renamed."""
+        n = self.count
+        for folder in (self.codes_dir, self.labels_dir):
+            os.replace(share / folder.name / f"{record['number']}.npy", folder / f"{n}.npy")
+        self._index.write(json.dumps({"number": n, "key": record["key"],
+                                      "label": record["label"]}) + "\n")
         self.count += 1
 
     def close(self, meta: dict[str, Any]) -> None:
@@ -78,6 +101,27 @@ class LlamaGenCodeWriter:
                 "code_grid": [h, w], "codes_dir": self.codes_dir.name,
                 "labels_dir": self.labels_dir.name}
         (self.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def merge_shares(shares: Sequence[Path], writer: LlamaGenCodeWriter) -> None:
+    """Move every image of the closed share folders into ``writer``, numbered by the ``order``
+    of each image (see the module docstring); a share without ``meta.json`` is named."""
+    records = []
+    for share in shares:
+        if not (share / "meta.json").is_file():
+            raise ProvqError(
+                f"{share} has no meta.json: its rank did not finish writing its codes, or the "
+                "output folder is not on a file system every rank sees; give an output_dir on "
+                "a shared file system")
+        meta = json.loads((share / "meta.json").read_text())
+        if meta["views"] is not None:
+            writer.view_shape = (meta["views"], *meta["code_grid"])
+        for line in (share / "index.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            records.append((record["order"], share, record))
+    records.sort(key=lambda item: item[0])
+    for _, share, record in records:
+        writer.move_in(share, record)
 
 
 @torch.no_grad()

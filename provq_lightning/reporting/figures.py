@@ -108,9 +108,11 @@ def log_figure(
 
 
 def log_histogram(
-    module: LightningModule, tag: str, counts: torch.Tensor, step: int | None = None
+    module: LightningModule, tag: str, counts: torch.Tensor, step: int | None = None,
+    ylabel: str = "uses",
 ) -> None:
-    """Per-bin ``counts`` (e.g. uses per code): TensorBoard's histogram, a bar chart elsewhere."""
+    """Per-bin ``counts`` (e.g. uses per code): TensorBoard's histogram, a bar chart (its
+    y axis labelled ``ylabel``) elsewhere."""
     if not _active(module):
         return
     step = module.global_step if step is None else int(step)
@@ -122,7 +124,7 @@ def log_histogram(
             experiment.add_histogram(tag, counts, step)
             continue
         if pixels is None:
-            figure = counts_figure(counts, title=f"{tag}, step {step}")
+            figure = counts_figure(counts, title=f"{tag}, step {step}", ylabel=ylabel)
             pixels = figure_pixels(figure)
             close_figure(figure)
         _log_pixels(logger, module, tag, pixels, step)

@@ -48,13 +48,13 @@ def embedding_figure(
     return fig
 
 
-def counts_figure(counts: torch.Tensor, title: str = "") -> plt.Figure:
+def counts_figure(counts: torch.Tensor, title: str = "", ylabel: str = "uses") -> plt.Figure:
     """A bar per bin (e.g. uses per code): dead and over-used codes show at a glance."""
     counts = counts.detach().float().cpu()
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.bar(range(len(counts)), counts.numpy(), width=1.0, color="tab:blue")
     ax.set_xlabel("code")
-    ax.set_ylabel("uses")
+    ax.set_ylabel(ylabel)
     ax.set_xlim(-0.5, len(counts) - 0.5)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

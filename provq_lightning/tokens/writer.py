@@ -22,6 +22,10 @@ import torch
 
 from provq_lightning.tokens.names import safe_file_name
 
+# LlamaGen's layout (provq_lightning.image.llamagen_codes): written for LlamaGen's GPT training,
+# never read back by provq, so not one of the reader's FORMATS.
+LLAMAGEN = "llamagen"
+
 
 def code_dtype(num_codes: int) -> np.dtype:
     """The smallest signed dtype holding ids and the -1 "no code" marker."""

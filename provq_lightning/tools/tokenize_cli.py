@@ -39,10 +39,9 @@ from provq_lightning.errors import ProvqError
 from provq_lightning.runs.loading import dataloader, load_run
 from provq_lightning.tokens.reader import FORMATS, RETOKENIZE, read_codes, read_meta
 from provq_lightning.tokens.staging import check_output_folder, staged_output
-from provq_lightning.tokens.writer import CodeWriter, code_dtype
+from provq_lightning.tokens.writer import LLAMAGEN, CodeWriter, code_dtype
 
 SPLITS = ("predict", "val", "test", "train")
-LLAMAGEN = "llamagen"  # written by provq-tokenize only: LlamaGen's layout, not read back
 
 
 # -- entry points ---------------------------------------------------------------------------

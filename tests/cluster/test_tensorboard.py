@@ -1,7 +1,9 @@
 """Live monitoring: what a real TopoDisc run writes to TensorBoard, and ``make tensorboard``.
 
 A short ProVQ run (warmup 20, transition 20, 60 steps) is read back from its event files: the
-losses, the curriculum's alpha/omega/phase, the codebook metrics and the embedding figure.
+losses, the curriculum's alpha/omega/phase and the legend of the phase values, the codebook
+metrics (validations inside warmup under ``val_warmup/``), code usage as shares and as counts,
+the embedding figure, and no ``hp_metric`` placeholder.
 """
 
 from __future__ import annotations
@@ -92,12 +94,29 @@ def series(events, tag: str) -> list[tuple[int, float]]:
 def test_scalars_cover_losses_curriculum_and_codebook_metrics(events, run_dir):
     tags = set(events.Tags()["scalars"])
     assert SCALARS <= tags, sorted(SCALARS - tags)
+    assert "hp_metric" not in tags  # the configs turn TensorBoard's -1 placeholder off
     assert len(series(events, "train/loss")) == STEPS // 5
-    # One validation per epoch; the last one matches metrics.json.
+    # One validation per epoch (every 10 steps); those inside warmup (after steps 10 and 20: a
+    # codebook not yet seeded) go under val_warmup/, so their spikes do not flatten val/.
+    # (Lightning writes validation scalars at the last training step, 9 for step 10's.)
     util = series(events, "val/utilization")
-    assert len(util) == STEPS // 10
+    assert [step for step, _ in util] == [29, 39, 49, 59]
+    assert [step for step, _ in series(events, "val_warmup/utilization")] == [9, 19]
+    assert [step for step, _ in series(events, "val_warmup/mse")] == [9, 19]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert util[-1][1] == pytest.approx(metrics["val/utilization"])
+
+
+def test_phase_values_are_explained_in_tensorboard(events):
+    from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
+
+    from provq_lightning.reporting.curriculum_tags import PHASE_CHART
+
+    (legend,) = events.Tensors("curriculum/phase_legend/text_summary")
+    text = legend.tensor_proto.string_val[0].decode()
+    assert "0 = warmup" in text and "1 = soft transition" in text and "2 = hard VQ" in text
+    (layout,) = events.Tensors(custom_scalar_metadata.CONFIG_SUMMARY_TAG)
+    assert PHASE_CHART.encode() in layout.tensor_proto.string_val[0]
 
 
 def test_alpha_omega_and_phase_follow_the_curriculum(events):
@@ -124,8 +143,29 @@ def test_embedding_figures_are_logged_as_images(events):
     assert images[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_code_usage_histogram_is_logged(events):
-    assert any("code_usage" in tag for tag in events.Tags()["histograms"])
+def test_code_usage_is_logged_as_shares_and_as_counts(events):
+    shares, counts = events.Histograms("val/code_usage"), events.Histograms("val/code_use_counts")
+    assert [h.step for h in shares] == [h.step for h in counts] == [30, 40, 50, 60]
+    assert [h.step for h in events.Histograms("val_warmup/code_usage")] == [10, 20]
+    for share, count in zip(shares, counts, strict=True):
+        assert share.histogram_value.num == count.histogram_value.num == 16  # one per code
+        assert share.histogram_value.sum == pytest.approx(1.0)  # each code's share of uses
+        assert share.histogram_value.max <= 1.0 < count.histogram_value.max
+        assert count.histogram_value.sum == 675  # every validation point has one code
+
+
+TENSORBOARD_CONFIGS = sorted(
+    path.relative_to(REPO / "experiments") for path in (REPO / "experiments").rglob("*.yaml")
+    if "loggers.TensorBoardLogger" in path.read_text()
+)
+
+
+@pytest.mark.parametrize("config", TENSORBOARD_CONFIGS, ids=str)
+def test_every_shipped_tensorboard_logger_turns_the_hp_metric_placeholder_off(config):
+    loggers = [line for line in (REPO / "experiments" / config).read_text().splitlines()
+               if "default_hp_metric:" in line]
+    assert [line.split(":")[1].split("#")[0].strip() for line in loggers] == ["false"], (
+        f"add default_hp_metric: false to the TensorBoardLogger init_args of {config}")
 
 
 def free_port() -> int:
@@ -205,6 +245,9 @@ def test_image_tokenizer_logs_code_usage_histogram_and_reconstructions(image_eve
     tags = image_events.Tags()
     assert "val/code_usage" in tags["histograms"]
     (histogram,) = image_events.Histograms("val/code_usage")
-    assert histogram.step == 3 and histogram.histogram_value.num == 32  # one count per code
+    assert histogram.step == 3 and histogram.histogram_value.num == 32  # one share per code
+    assert histogram.histogram_value.sum == pytest.approx(1.0)
+    (counts,) = image_events.Histograms("val/code_use_counts")
+    assert counts.histogram_value.num == 32 and counts.histogram_value.sum > 1
     assert "val/input_vs_reconstruction" in tags["images"]
     assert {"val/psnr", "val/utilization", "curriculum/alpha", "train/loss"} <= set(tags["scalars"])

@@ -145,5 +145,5 @@ def test_tensorboard_still_gets_images_and_histograms_natively(two_logger_run):
     assert events.Images("val/embeddings")[0].encoded_image_string[:4] == b"\x89PNG"
     usage = events.Histograms("val/code_usage")
     assert [h.step for h in usage] == [EVERY, STEPS]
-    assert usage[-1].histogram_value.num == 16  # one count per code
+    assert usage[-1].histogram_value.num == 16  # one share of the uses per code
     assert not (tb_run / "images").exists()  # TensorBoard needs no PNG copies

@@ -93,6 +93,16 @@ def _scheduler_last_lr() -> None:
     assert scheduler._last_lr == [0.5]
 
 
+def _rich_train_description() -> None:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    method = RichProgressBar._get_train_description
+    assert list(inspect.signature(method).parameters) == ["self", "current_epoch"]
+    bar = RichProgressBar()
+    bar.setup(_trainer(), LightningModule(), "fit")
+    assert bar._get_train_description(3).startswith("Epoch 3")
+
+
 # (private attribute, the files that rely on it, a check on the real object)
 CHECKS: list[tuple[str, str, Callable[[], None]]] = [
     ("Trainer._logger_connector.should_update_logs", "provq_lightning/tokenizer.py",
@@ -110,6 +120,7 @@ CHECKS: list[tuple[str, str, Callable[[], None]]] = [
      "_instantiate_trainer / _parser", "provq_lightning/tools/fit.py", _cli_methods),
     ("torchvision Inception3._forward", "provq_lightning/image/pretrained.py", _inception_forward),
     ("torch LRScheduler._last_lr", "callbacks/resume.py", _scheduler_last_lr),
+    ("RichProgressBar._get_train_description", "callbacks/progress.py", _rich_train_description),
 ]
 
 
