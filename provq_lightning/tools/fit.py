@@ -15,7 +15,7 @@ from typing import Any
 
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
@@ -26,6 +26,7 @@ from provq_lightning.callbacks.metrics_json import MetricsJsonCallback
 from provq_lightning.callbacks.nonfinite import NonFiniteGuard
 from provq_lightning.callbacks.prediction_writer import CodePredictionWriter
 from provq_lightning.callbacks.preemption import PreemptionCheckpoint
+from provq_lightning.callbacks.progress import ProvqProgressBar
 from provq_lightning.callbacks.resume import ResumeCallback
 from provq_lightning.errors import ProvqError
 from provq_lightning.runs.checkpoint_check import check_checkpoint_file
@@ -77,7 +78,8 @@ def version_text() -> str:
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "provq"},
+        # No hp_metric placeholder (-1 on every run in TensorBoard's scalars).
+        "init_args": {"save_dir": "runs", "name": "provq", "default_hp_metric": False},
     },
 }
 
@@ -215,7 +217,7 @@ class ProvqCLI(LightningCLI):
             config["plugins"] = plugins
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in configured):
-            extra.append(RichProgressBar())
+            extra.append(ProvqProgressBar())
         # predict writes codes (the files provq-tokenize writes) unless the config has a writer.
         if self.subcommand == "predict" and not any(
             isinstance(c, BasePredictionWriter) for c in configured
