@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from provq_lightning.errors import ProvqError
+from provq_lightning.reporting.curriculum_tags import VAL_WARMUP
 from provq_lightning.reporting.mean_sd_table import Column, Group, mean_sd_table
 
 Panel = tuple[str, float, str]  # (scalar tag, scale, y-axis label)
@@ -90,15 +91,21 @@ def write_text(text: str, path: Path) -> None:
 # -- learning curves --------------------------------------------------------------------------
 def scalar_series(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
     """(steps, values) of a logged scalar, from every TensorBoard file of the run (a resumed
-    fit writes a new file; its points replace the older file's at the same step)."""
+    fit writes a new file; its points replace the older file's at the same step). A ``val/``
+    tag includes the warmup's validations, which TensorBoard holds as ``val_warmup/``, so a
+    curve covers the whole run."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    tags = [tag]
+    if tag.startswith("val/"):
+        tags.append(f"{VAL_WARMUP}/{tag.removeprefix('val/')}")
     points: dict[int, float] = {}
     for events in sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            points.update({e.step: e.value for e in acc.Scalars(tag)})
+        for name in tags:
+            if name in acc.Tags()["scalars"]:
+                points.update({e.step: e.value for e in acc.Scalars(name)})
     steps = sorted(points)
     return steps, [points[s] for s in steps]
 

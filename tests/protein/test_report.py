@@ -98,3 +98,18 @@ def test_bad_run_argument_is_one_line(spec, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith(f"{report.PROG}: error: ") and str(missing) in err
+
+
+def test_a_validation_curve_includes_the_warmup_points_tensorboard_keeps_apart(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from provq_lightning.reporting.run_report import scalar_series
+
+    with SummaryWriter(str(tmp_path)) as writer:
+        writer.add_scalar("val_warmup/lddt", 0.2, 500)
+        writer.add_scalar("val/lddt", 0.7, 1500)
+        writer.add_scalar("val/lddt", 0.75, 3000)
+        writer.add_scalar("train/loss", 9.0, 500)
+    steps, values = scalar_series(tmp_path, "val/lddt")
+    assert steps == [500, 1500, 3000] and values == pytest.approx([0.2, 0.7, 0.75])
+    assert scalar_series(tmp_path, "train/loss") == ([500], [9.0])
