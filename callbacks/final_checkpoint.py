@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from provq_lightning.callbacks.preemption import PreemptionCheckpoint, last_checkpoint_path
+from provq_lightning.callbacks.step_boundary import StepBoundaryStop
 from provq_lightning.tokenizer import VQTokenizer
 
 
@@ -56,7 +57,7 @@ def saved_steps(owner: ModelCheckpoint, callbacks: list[Callback]) -> list[int]:
     return steps
 
 
-class FinalCheckpoint(Callback):
+class FinalCheckpoint(StepBoundaryStop):
     """Save ``last.ckpt`` at the last completed step when a fit ends or is stopped by Ctrl-C.
 
     Args:
@@ -124,7 +125,7 @@ class FinalCheckpoint(Callback):
 
     # After the step's other hooks and its validation (the resumed run skips a validation due
     # at the saved step), as PreemptionCheckpoint stops; no training step starts past the save.
-    def _stop(self, trainer: Trainer) -> None:
+    def stop_at_boundary(self, trainer: Trainer) -> None:
         if not self._stop_pending:
             return
         self._stop_pending = False
@@ -132,17 +133,6 @@ class FinalCheckpoint(Callback):
                        "last.ckpt holds; resume with --ckpt_path last")
         raise KeyboardInterrupt
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._stop(trainer)
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop(trainer)
-
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._stop(trainer)
 
     # -- the end ------------------------------------------------------------------------------
     def save_if_behind(self, trainer: Trainer, at_end: bool) -> None:

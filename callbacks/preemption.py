@@ -28,10 +28,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from provq_lightning.callbacks.step_boundary import StepBoundaryStop
 from provq_lightning.tokenizer import VQTokenizer
 
 EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: "temporary failure, retry" (EX_* is POSIX-only in os)
@@ -99,7 +100,7 @@ def last_checkpoint_path(trainer: Trainer) -> tuple[Path, ModelCheckpoint | None
     return Path(root) / "checkpoints" / f"last{ModelCheckpoint.FILE_EXTENSION}", None
 
 
-class PreemptionCheckpoint(Callback):
+class PreemptionCheckpoint(StepBoundaryStop):
     """Save ``last.ckpt`` at the step boundary after ``signal`` arrives, requeue, stop.
 
     Args:
@@ -243,7 +244,7 @@ class PreemptionCheckpoint(Callback):
     # other callback, so stopping in these hooks also keeps it from writing last.ckpt again
     # with a later state (at validation or epoch end).
 
-    def _stop(self, trainer: Trainer) -> None:
+    def stop_at_boundary(self, trainer: Trainer) -> None:
         if not self._stop_pending or self.checkpoint_path is None:
             return
         self._stop_pending = False
@@ -264,17 +265,6 @@ class PreemptionCheckpoint(Callback):
         trainer.strategy.barrier("provq_preemption")
         raise Preempted(EXIT_PREEMPTED)
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._stop(trainer)
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop(trainer)
-
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._stop(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Training ended right after the save (e.g. max_epochs): the run is complete, not
