@@ -29,6 +29,7 @@ from torch import nn
 
 from provq_lightning.errors import ProvqError
 from provq_lightning.runs.safe_load import load_weights_only
+from provq_lightning.runs.state_keys import numbered_blocks, required_tensor
 
 # Config syntax of ``ImageTokenizer(init_from=...)``: prefix -> checkpoint entry.
 INIT_FROM_PREFIXES = {"llamagen": "model", "llamagen-ema": "ema"}
@@ -92,24 +93,14 @@ def select_weights(payload: dict[str, Any], path: Path, weights: str) -> dict[st
 
 
 def _need(state: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
-    if key not in state:
-        raise ProvqError(f"LlamaGen checkpoint {path} lacks {key}; it is not a LlamaGen VQModel "
-                         "state dict (tokenizer/tokenizer_image/vq_model.py)")
-    return state[key]
-
-
-def _count(state: dict[str, torch.Tensor], prefix: str) -> int:
-    """How many consecutive ``<prefix><i>.`` indices the keys have."""
-    n = 0
-    while any(key.startswith(f"{prefix}{n}.") for key in state):
-        n += 1
-    return n
+    return required_tensor(state, key, f"LlamaGen checkpoint {path}", "a LlamaGen VQModel state "
+                           "dict (tokenizer/tokenizer_image/vq_model.py)")
 
 
 def infer_architecture(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
     """``ImageTokenizer`` shape arguments of a LlamaGen state dict (VQ-8, VQ-16, any width)."""
     ch = _need(state, "encoder.conv_in.weight", path).shape[0]
-    levels = _count(state, "encoder.conv_blocks.")
+    levels = numbered_blocks(state, "encoder.conv_blocks.")
     ch_mult = [
         _need(state, f"encoder.conv_blocks.{i}.res.0.conv1.weight", path).shape[0] // ch
         for i in range(levels)
@@ -118,7 +109,7 @@ def infer_architecture(state: dict[str, torch.Tensor], path: Path) -> dict[str, 
     return {
         "ch": int(ch),
         "ch_mult": ch_mult,
-        "num_res_blocks": _count(state, "encoder.conv_blocks.0.res."),
+        "num_res_blocks": numbered_blocks(state, "encoder.conv_blocks.0.res."),
         "z_channels": int(_need(state, "encoder.conv_out.weight", path).shape[0]),
         "num_codes": int(num_codes),
         "code_dim": int(code_dim),

@@ -47,6 +47,7 @@ import torch
 
 from provq_lightning.errors import ProvqError
 from provq_lightning.runs.safe_load import load_weights_only
+from provq_lightning.runs.state_keys import numbered_blocks, required_tensor
 
 INIT_FROM_PREFIXES = ("esm3", "structtokenbench")
 DEEPSPEED_FILE = "mp_rank_00_model_states.pt"
@@ -160,17 +161,8 @@ def read_structtokenbench(path: str | Path) -> tuple[dict[str, torch.Tensor], Pa
 
 # -- architecture -----------------------------------------------------------------------------
 def _need(state: dict[str, torch.Tensor], key: str, path: Path, what: str) -> torch.Tensor:
-    if key not in state:
-        raise ProvqError(f"{what} {path} lacks {key}; it is not an ESM3-style structure "
-                         "VQ-VAE checkpoint (esm/models/vqvae.py)")
-    return state[key]
-
-
-def _count(state: dict[str, torch.Tensor], prefix: str) -> int:
-    n = 0
-    while any(key.startswith(f"{prefix}{n}.") for key in state):
-        n += 1
-    return n
+    return required_tensor(state, key, f"{what} {path}", "an ESM3-style structure VQ-VAE "
+                           "checkpoint (esm/models/vqvae.py)")
 
 
 def encoder_arguments(state: dict[str, torch.Tensor], prefix: str, path: Path,
@@ -186,7 +178,7 @@ def encoder_arguments(state: dict[str, torch.Tensor], prefix: str, path: Path,
         "encoder_type": "esm3",
         "encoder_dim": int(rel.shape[1]),
         "encoder_heads": proj.shape[0] // 15,
-        "encoder_layers": _count(state, f"{prefix}transformer.blocks."),
+        "encoder_layers": numbered_blocks(state, f"{prefix}transformer.blocks."),
         "rel_pos_bins": (rel.shape[0] - 2) // 2,
         "code_dim": int(out.shape[0]),
         "knn": ESM3_KNN,
@@ -200,7 +192,7 @@ def decoder_arguments(state: dict[str, torch.Tensor], prefix: str, input_key: st
     pair = _need(state, f"{prefix}pairwise_classification_head.downproject.weight", path, what)
     return {
         "decoder_dim": int(inp.shape[0] if input_key.startswith("post_vq_proj") else inp.shape[1]),
-        "decoder_layers": _count(state, f"{prefix}decoder_stack.blocks."),
+        "decoder_layers": numbered_blocks(state, f"{prefix}decoder_stack.blocks."),
         "pair_dim": int(pair.shape[0]),
     }
 
