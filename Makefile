@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 SEEDS ?= 0 1 2 3 4
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-lowest lint bench clean
 
 # constraints.txt pins the torch/torchvision pair tested on the project's machine (setup.cfg only
 # gives ranges, so a cluster's own torch build is kept when provq is installed next to it).
@@ -27,6 +27,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Every install_requires dependency at its floor (constraints-lowest.txt) in a fresh venv, then
+# the CLI, resume and checkpoint tests there (scripts/test_lowest.sh; downloads about 3 GB).
+LOWEST_VENV ?= .venv-lowest
+test-lowest:
+	scripts/test_lowest.sh $(LOWEST_VENV)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
