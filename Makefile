@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 SEEDS ?= 0 1 2 3 4
 
-.PHONY: help install demo test lint bench clean
+.PHONY: help install demo test test-lowest lint bench clean
 
 # `make help` lists every target whose line ends in `## what it does` (here and in mk/*.mk).
 help: ## list the make targets and what each does
@@ -35,6 +35,12 @@ demo: $(STAMP) ## install if needed; TopoDisc vanilla VQ vs ProVQ over SEEDS, pr
 
 test: $(STAMP) ## install if needed; run the test suite
 	$(BIN)/python -m pytest -q tests
+
+# Every install_requires dependency at its floor (constraints-lowest.txt) in a fresh venv, then
+# the CLI, resume and checkpoint tests there (scripts/test_lowest.sh; downloads about 3 GB).
+LOWEST_VENV ?= .venv-lowest
+test-lowest: ## every dependency at its setup.cfg floor in a fresh venv; CLI/resume/checkpoint tests
+	scripts/test_lowest.sh $(LOWEST_VENV)
 
 lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check .

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 # What a build needs; the copy keeps build/ and *.egg-info out of the checkout.
 # Folders of the checkout's top level that a build never reads (runs/ is the output folder, not
 # the provq_lightning/runs package), and caches anywhere.
-NOT_BUILT = (".git", ".venv", "runs", "build", "tests", "docs", ".pytest_cache", ".ruff_cache",
-             "lightning_logs")
+NOT_BUILT = (".git", ".venv", ".venv-lowest", "runs", "build", "tests", "docs", ".pytest_cache",
+             ".ruff_cache", "lightning_logs")
 CACHES = shutil.ignore_patterns("*.egg-info", "__pycache__")
 
 
