@@ -9,6 +9,7 @@ that needs anything else is refused in one line naming the file and the global i
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 import zipfile
@@ -46,6 +47,18 @@ def refusal(path: str | Path, err: BaseException, what: str) -> ProvqError | Non
     )
 
 
+def _allowing(allowed: list[Any]) -> contextlib.AbstractContextManager:
+    """Admit ``allowed`` for this load only (torch >= 2.5); torch 2.4 has only the process-wide
+    list, where they then stay (harmless data classes, but admitted for every later load)."""
+    if not allowed:
+        return contextlib.nullcontext()
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is not None:
+        return scoped(allowed)
+    torch.serialization.add_safe_globals(allowed)
+    return contextlib.nullcontext()
+
+
 def load_weights_only(
     path: str | Path,
     what: str = "file",
@@ -62,9 +75,8 @@ def load_weights_only(
     """
     allowed = list(allowed_globals)
     try:
-        if allowed:
-            torch.serialization.add_safe_globals(allowed)  # process-wide: harmless data classes
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with _allowing(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except (EOFError, pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, ValueError) as err:

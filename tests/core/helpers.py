@@ -158,6 +158,11 @@ class SigintAtStep(Callback):
         self.step = step
         self.times = times
         self.rank = rank
+        # A terminal's Ctrl-C: a process started in the background (nohup, `cmd &` in a script,
+        # some CI runners) inherits SIGINT ignored, and a fit rightly leaves it ignored. Built
+        # with the config, so before the fit's callbacks look at the handler.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int

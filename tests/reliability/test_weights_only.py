@@ -210,3 +210,18 @@ def test_a_checkpoint_without_its_config_is_one_line(hostile_run, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code != 0 and "no config.yaml next to" in err and "--config" in err
     assert len(err.splitlines()) == 1, err
+
+
+def test_a_class_one_format_admits_is_admitted_for_that_load_only(tmp_path) -> None:
+    import argparse
+
+    from provq_lightning.runs.safe_load import UnsafeFileError, load_weights_only
+
+    if not hasattr(torch.serialization, "safe_globals"):
+        pytest.skip("torch < 2.5 has only the process-wide allowlist")
+    path = tmp_path / "args.pt"
+    torch.save({"args": argparse.Namespace(a=1)}, path)
+    assert load_weights_only(path, allowed_globals=[argparse.Namespace])["args"].a == 1
+    # LlamaGen's Namespace admitted above is not admitted for the next file of another kind.
+    with pytest.raises(UnsafeFileError, match="argparse.Namespace"):
+        load_weights_only(path, "ESM3 encoder checkpoint")
