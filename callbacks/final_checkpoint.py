@@ -95,7 +95,7 @@ class FinalCheckpoint(StepBoundaryStop):
         self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         self._installed = True
 
-    def _uninstall(self) -> None:
+    def uninstall_handlers(self) -> None:
         if self._installed:
             if signal.getsignal(signal.SIGINT) is self._on_sigint:
                 signal.signal(signal.SIGINT, self._previous)
@@ -154,14 +154,5 @@ class FinalCheckpoint(StepBoundaryStop):
                        "step")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._uninstall()
+        self.uninstall_handlers()
         self.save_if_behind(trainer, at_end=True)
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._uninstall()
-
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
-        self._uninstall()  # a failed run saves nothing: its state is of no completed step

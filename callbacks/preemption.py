@@ -167,7 +167,7 @@ class PreemptionCheckpoint(StepBoundaryStop):
         if not self._installed:
             self._previous_handler, self._installed = previous, True
 
-    def _uninstall(self) -> None:
+    def uninstall_handlers(self) -> None:
         if self._installed:
             signal.signal(self.signal, self._previous_handler or signal.SIG_DFL)
             self._installed = False
@@ -265,17 +265,7 @@ class PreemptionCheckpoint(StepBoundaryStop):
         trainer.strategy.barrier("provq_preemption")
         raise Preempted(EXIT_PREEMPTED)
 
-
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Training ended right after the save (e.g. max_epochs): the run is complete, not
         # preempted; its last.ckpt is the final state.
         self._stop_pending = False
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._uninstall()
-
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
-        self._uninstall()  # `teardown` is not called when a fit ends in an exception

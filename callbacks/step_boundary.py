@@ -1,4 +1,4 @@
-"""Where a stop asked for during a training step takes effect.
+"""Where a stop asked for during a training step takes effect, and the handlers given back.
 
 A signal (SIGUSR1, SIGTERM, Ctrl-C) arrives in the middle of a step; saving there would mix the
 weights, the curriculum and the data position of different steps. A callback that stops on a
@@ -15,10 +15,26 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 class StepBoundaryStop(Callback):
-    """Calls ``stop_at_boundary(trainer)`` at every step boundary (see the module docstring)."""
+    """Calls ``stop_at_boundary(trainer)`` at every step boundary (see the module docstring),
+    and ``uninstall_handlers()`` when the fit ends, normally or by an exception."""
 
     def stop_at_boundary(self, trainer: Trainer) -> None:
         raise NotImplementedError
+
+    def uninstall_handlers(self) -> None:
+        """Give back the signal handlers this callback installed for the fit."""
+        raise NotImplementedError
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.uninstall_handlers()
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        # teardown is not called when a fit ends in an exception. A failed fit saves nothing:
+        # its state is that of no completed step.
+        self.uninstall_handlers()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
