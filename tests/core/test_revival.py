@@ -88,3 +88,29 @@ def test_revival_state_round_trips_and_bad_settings_are_refused():
         VectorQuantizer(8, 2, dead_code_threshold=1.5)
     with pytest.raises(ValueError, match="plain codebook"):
         VectorQuantizer(8, 2, dead_code_threshold=0.1, linear_codebook=True)
+
+
+def test_a_resumed_quantizer_revives_exactly_as_the_uninterrupted_one():
+    def batches():
+        gen = torch.Generator().manual_seed(3)
+        return [torch.randn(64, 2, generator=gen) * 2 for _ in range(30)]
+
+    def fresh() -> VectorQuantizer:
+        torch.manual_seed(0)
+        q = VectorQuantizer(8, 2, dead_code_threshold=0.1, dead_code_decay=0.8)
+        q.set_codebook(torch.cat([torch.randn(4, 2) * 0.1, torch.full((4, 2), 50.0)]))
+        return q.train()
+
+    straight = fresh()
+    for z in batches():
+        straight(z)
+    first = fresh()
+    for z in batches()[:4]:  # before the first revival (step 5): the resumed run makes them
+        first(z)
+    resumed = VectorQuantizer(8, 2, dead_code_threshold=0.1, dead_code_decay=0.8).train()
+    resumed.load_state_dict(first.state_dict())
+    for z in batches()[4:]:
+        resumed(z)
+    assert int(first.revival.revived_total) == 0 < int(resumed.revival.revived_total)
+    assert torch.equal(resumed.codebook(), straight.codebook())
+    assert torch.equal(resumed.revival.usage, straight.revival.usage)
