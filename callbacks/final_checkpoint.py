@@ -33,7 +33,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from provq_lightning.callbacks.preemption import PreemptionCheckpoint, last_checkpoint_path
+from provq_lightning.callbacks.preemption import PreemptionCheckpoint, save_last_checkpoint
 from provq_lightning.callbacks.step_boundary import StepBoundaryStop
 from provq_lightning.tokenizer import VQTokenizer
 
@@ -133,7 +133,6 @@ class FinalCheckpoint(StepBoundaryStop):
                        "last.ckpt holds; resume with --ckpt_path last")
         raise KeyboardInterrupt
 
-
     # -- the end ------------------------------------------------------------------------------
     def save_if_behind(self, trainer: Trainer, at_end: bool) -> None:
         """Save ``last.ckpt`` unless it already holds ``trainer.global_step`` (every rank)."""
@@ -145,10 +144,7 @@ class FinalCheckpoint(StepBoundaryStop):
             return  # nothing saved in this run: ModelCheckpoint's own on_train_end saves it
         if steps and max(steps) == trainer.global_step:
             return
-        path, _ = last_checkpoint_path(trainer)
-        # Part of the saved state: a resumed ModelCheckpoint keeps writing this file.
-        owner.last_model_path = str(path)
-        trainer.save_checkpoint(path)
+        path = save_last_checkpoint(trainer)
         self.saved_at_step = trainer.global_step
         rank_zero_info(f"[provq] saved {path} at step {trainer.global_step}, the last completed "
                        "step")

@@ -100,6 +100,17 @@ def last_checkpoint_path(trainer: Trainer) -> tuple[Path, ModelCheckpoint | None
     return Path(root) / "checkpoints" / f"last{ModelCheckpoint.FILE_EXTENSION}", None
 
 
+def save_last_checkpoint(trainer: Trainer) -> Path:
+    """Write ``last.ckpt`` at the current step (every rank: a collective) and return its path."""
+    path, owner = last_checkpoint_path(trainer)
+    if owner is not None:
+        # Part of the saved state: a resumed ModelCheckpoint then keeps writing this file
+        # instead of starting last-v1.ckpt next to it.
+        owner.last_model_path = str(path)
+    trainer.save_checkpoint(path)
+    return path
+
+
 class PreemptionCheckpoint(StepBoundaryStop):
     """Save ``last.ckpt`` at the step boundary after ``signal`` arrives, requeue, stop.
 
@@ -223,12 +234,7 @@ class PreemptionCheckpoint(StepBoundaryStop):
             self._stop_pending = True  # nothing to resume: stop checking, let the run end
             self.checkpoint_path = None
             return
-        self.checkpoint_path, owner = last_checkpoint_path(trainer)
-        if owner is not None:
-            # Part of the saved state: a resumed ModelCheckpoint then keeps writing this file
-            # instead of starting last-v1.ckpt next to it.
-            owner.last_model_path = str(self.checkpoint_path)
-        trainer.save_checkpoint(self.checkpoint_path)  # every rank: it is a collective
+        self.checkpoint_path = save_last_checkpoint(trainer)
         self.saved_at_step = trainer.global_step
         self._stop_pending = True
         rank_zero_info(

@@ -9,21 +9,23 @@ step), at the end of an epoch, and before the next batch.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 
-class StepBoundaryStop(Callback):
+class StepBoundaryStop(Callback, ABC):
     """Calls ``stop_at_boundary(trainer)`` at every step boundary (see the module docstring),
     and ``uninstall_handlers()`` when the fit ends, normally or by an exception."""
 
+    @abstractmethod
     def stop_at_boundary(self, trainer: Trainer) -> None:
-        raise NotImplementedError
+        """Stop the fit here if a stop was agreed during the step."""
 
+    @abstractmethod
     def uninstall_handlers(self) -> None:
         """Give back the signal handlers this callback installed for the fit."""
-        raise NotImplementedError
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":

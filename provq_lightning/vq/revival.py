@@ -63,7 +63,6 @@ class CodeRevival(nn.Module):
         self.register_buffer("usage", torch.zeros(num_codes))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("revived_total", torch.zeros((), dtype=torch.long))
-        self.last_revived = 0
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -89,27 +88,30 @@ class CodeRevival(nn.Module):
         counts = torch.bincount(indices, minlength=self.usage.shape[0]).to(self.usage)
         if distributed.is_distributed():
             dist.all_reduce(counts)
-        if int(self.steps) == 0:
+        steps = int(self.steps)
+        if steps == 0:
             self.usage.copy_(counts)
         else:
             self.usage.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
-        self.steps += 1
-        self.last_revived = 0
+        steps += 1
+        self.steps.fill_(steps)
         # Averages need about 1 / (1 - decay) steps before a low one means an unused code.
-        if float(self.steps) < 1.0 / (1.0 - self.decay):
+        if steps < 1.0 / (1.0 - self.decay):
             return 0
         dead = dead_codes(self.usage, self.threshold)
-        # The gather is a collective: every rank takes part, dead codes or not (they agree).
-        pool = distributed.gather_rows(latents.float())
-        if dead.numel() == 0 or pool.shape[0] == 0:
+        # Every rank holds the same averages (summed counts), so all agree to stop here, and
+        # all take part in the gathers below.
+        if dead.numel() == 0:
             return 0
+        pool = distributed.gather_rows(latents.float())
         pool_idx = distributed.gather_rows(indices.unsqueeze(1)).squeeze(1)
+        if pool.shape[0] == 0:
+            return 0
         sq_error = (pool - codes.float()[pool_idx]).pow(2).sum(dim=1)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.steps))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + steps)
         fresh = draw_replacements(pool, sq_error, dead.numel(), generator)
         dead = dead[: fresh.shape[0]]
         weight[dead] = fresh.to(weight)
         self.usage[dead] = self.usage.mean()
         self.revived_total += dead.numel()
-        self.last_revived = int(dead.numel())
-        return self.last_revived
+        return int(dead.numel())
