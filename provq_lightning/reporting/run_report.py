@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from provq_lightning.errors import ProvqError
-from provq_lightning.reporting.curriculum_tags import VAL_WARMUP
+from provq_lightning.reporting.curriculum_tags import warmup_validation_tag
 from provq_lightning.reporting.mean_sd_table import Column, Group, mean_sd_table
 
 Panel = tuple[str, float, str]  # (scalar tag, scale, y-axis label)
@@ -96,15 +96,13 @@ def scalar_series(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
     curve covers the whole run."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags = [tag]
-    if tag.startswith("val/"):
-        tags.append(f"{VAL_WARMUP}/{tag.removeprefix('val/')}")
+    tags = [tag, warmup_validation_tag(tag)]
     points: dict[int, float] = {}
     for events in sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         for name in tags:
-            if name in acc.Tags()["scalars"]:
+            if name is not None and name in acc.Tags()["scalars"]:
                 points.update({e.step: e.value for e in acc.Scalars(name)})
     steps = sorted(points)
     return steps, [points[s] for s in steps]

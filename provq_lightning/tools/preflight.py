@@ -320,13 +320,6 @@ def check_protein_data(args: Mapping[str, Any], key: str,
 
 
 # -- model ----------------------------------------------------------------------------------
-def _hub_checkpoints() -> Path:
-    """``$TORCH_HOME/hub/checkpoints``, where provq looks for weights without a config path."""
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
 def lpips_linear_layers() -> Path | None:
     """The LPIPS linear-layer file inside the installed ``lpips`` package (None: no package)."""
     spec = importlib.util.find_spec("lpips")
@@ -337,7 +330,7 @@ def lpips_linear_layers() -> Path | None:
 
 def _weights(key: str, configured: str | None, hub: Path, filename: str, what: str,
              source: str, off: str) -> list[Problem]:
-    """A weight file at its config path, else in the hub cache, as ``locate_weights`` looks."""
+    """A weight file at its config path, else in the hub cache (``image.pretrained``'s rule)."""
     path = Path(configured).expanduser() if configured else hub / filename
     if path.is_file():
         return []
@@ -355,12 +348,19 @@ def check_image_tokenizer(args: Mapping[str, Any], key: str, hub: Path | None = 
     ``lpips_weight > 0`` or ``eval_lpips``, the FID Inception when ``eval_fid``.
     ``lpips_linear``: the package's linear-layer file (True: look it up).
     """
-    hub = _hub_checkpoints() if hub is None else hub
+    # Only image configs get here, and they import the image room anyway.
+    from provq_lightning.image.pretrained import (
+        FID_INCEPTION_FILE,
+        VGG16_FILE,
+        hub_checkpoint_dir,
+    )
+
+    hub = hub_checkpoint_dir() if hub is None else hub
     problems = []
     if float(args.get("lpips_weight", 1.0)) > 0 or args.get("eval_lpips", True):
         off = f"{key}.lpips_weight 0 and {key}.eval_lpips false"
         problems += _weights(f"{key}.lpips_vgg_path", args.get("lpips_vgg_path"), hub,
-                             "vgg16-397923af.pth", "LPIPS (its VGG16 trunk: torchvision's "
+                             VGG16_FILE, "LPIPS (its VGG16 trunk: torchvision's "
                              "ImageNet weights)", VGG16_URL, off)
         linear = lpips_linear_layers() if lpips_linear is True else lpips_linear
         if linear is None or not linear.is_file():
@@ -372,7 +372,7 @@ def check_image_tokenizer(args: Mapping[str, Any], key: str, hub: Path | None = 
                 f"turn LPIPS off: {off}"))
     if args.get("eval_fid", True):
         problems += _weights(f"{key}.fid_inception_path", args.get("fid_inception_path"), hub,
-                             "pt_inception-2015-12-05-6726825d.pth",
+                             FID_INCEPTION_FILE,
                              "rFID (pytorch-fid's FID Inception-V3)", FID_INCEPTION_URL,
                              f"{key}.eval_fid false")
     init_from = args.get("init_from")
